@@ -1,0 +1,38 @@
+"""ringload: a streaming data loader for NLP training over a lock-free shared-memory ring.
+
+Producer processes read raw text, tokenize it and write fixed-size batches straight into a
+POSIX shared-memory ring; the training process iterates over them as torch tensors that are
+views of the ring. Start a ring with ``ringload start RECIPE`` (or :func:`start`), consume it
+with :func:`connect`.
+"""
+
+from ._consumer import Loader, connect
+from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RecipeError, RingError, RingloadError
+from ._handle import RingHandle, start
+from ._layout import Field
+from ._recipe import Recipe, load_recipe, parse_recipe
+from ._status import list_rings, ring_status
+from ._tasks import MaskedLM, PendingBatch, Task, TokenizerInfo
+
+__all__ = [
+    "DaemonGone",
+    "Field",
+    "Loader",
+    "LoaderTimeout",
+    "MaskedLM",
+    "PendingBatch",
+    "ProducerFailed",
+    "Recipe",
+    "RecipeError",
+    "RingError",
+    "RingHandle",
+    "RingloadError",
+    "Task",
+    "TokenizerInfo",
+    "connect",
+    "list_rings",
+    "load_recipe",
+    "parse_recipe",
+    "ring_status",
+    "start",
+]

@@ -1,0 +1,190 @@
+"""The ``ringload`` command: start and stop rings, and look at what they are doing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ._errors import RingloadError
+from ._names import validate_name
+
+
+@click.group()
+def main() -> None:
+    """ringload: tokenized batches from raw text, through shared memory, into your training loop."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", help="Ring name (default: the recipe's name).")
+@click.option("--producers", type=click.IntRange(1, 256), help="Producer processes (default: the recipe's).")
+@click.option("--detach", is_flag=True, help="Run the daemon in the background and return once the ring is ready.")
+def start(recipe: str, name: str | None, producers: int | None, detach: bool) -> None:
+    """Create a ring from RECIPE and serve it until stopped."""
+    from ._daemon import Daemon, launch, log_file
+    from ._recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    if producers:
+        loaded = loaded.replace(producers=producers)
+    ring_name = validate_name(name or loaded.name)
+    if detach:
+        process = launch(recipe, ring_name, producers, detach=True)
+        click.echo(f"ring {ring_name} ready (daemon pid {process.pid}, log {log_file(ring_name)}); "
+                   f"`ringload stop {ring_name}` ends it")
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s ringload: %(message)s", stream=sys.stderr)
+    sys.exit(Daemon(loaded, ring_name).run())
+
+
+@main.command()
+@click.argument("name")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait before killing the daemon.")
+def stop(name: str, timeout: float) -> None:
+    """Stop the ring NAME: its daemon stops the producers and removes every shared object."""
+    from ._daemon import remove_ring, ring_owner
+    from ._names import list_ring_names, pid_alive
+
+    validate_name(name)
+    pid = ring_owner(name)
+    if pid is None:
+        if name in list_ring_names():
+            remove_ring(name)
+            click.echo(f"ring {name}: its daemon was already dead; removed what it left behind")
+            return
+        raise click.ClickException(f"no ring named {name!r} (see `ringload ls`)")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        remove_ring(name)
+        click.echo(f"ring {name}: daemon pid {pid} did not stop within {timeout:.0f} s; killed it and removed the ring")
+    else:
+        click.echo(f"ring {name}: stopped")
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable keys).")
+@click.option("--watch", is_flag=True, help="Refresh every second until interrupted.")
+def status(name: str | None, as_json: bool, watch: bool) -> None:
+    """State, position, fill and producer counters of ring NAME (default: the only ring)."""
+    from ._status import list_rings, ring_status
+
+    if name is None:
+        rings = [r["name"] for r in list_rings()]
+        if len(rings) != 1:
+            raise click.ClickException(f"name a ring: there are {len(rings)} ({', '.join(rings) or 'none'})")
+        name = rings[0]
+    while True:
+        snapshot = ring_status(name)
+        if as_json:
+            click.echo(json.dumps(snapshot, indent=2))
+        else:
+            if watch:
+                click.clear()
+            click.echo(_render_status(snapshot))
+        if not watch:
+            return
+        time.sleep(1.0)
+
+
+def _render_status(s: dict) -> str:
+    g = s["geometry"]
+    lines = [
+        f"ring {s['name']}  state {s['state']}  daemon pid {s['daemon_pid']} ({'alive' if s['daemon_alive'] else 'DEAD'}, "
+        f"heartbeat {s['heartbeat_age_s']:.1f} s ago)",
+        f"batches {g['batch_size']} x {', '.join(f['name'] + str(f['shape'][1:]) for f in g['fields'])}  "
+        f"lanes {g['lanes']} x {g['slots_per_lane']} slots  {g['bytes'] / 2**20:.1f} MiB",
+        f"fill {s['fill']['slots_filled']}/{s['fill']['slots_total']} slots  "
+        f"{s['rates']['batches_per_s']:.1f} batches/s  {s['rates']['tokens_per_s'] / 1e6:.3f} Mtokens/s",
+        f"consumer {s['consumer_pid'] or '-'}  next chunk {s['position']['chunk']} batch {s['position']['index']}  "
+        f"delivered {s['position']['delivered']}" + (f"  (stream ends at chunk {s['end_chunk']})" if s["end_chunk"] is not None else ""),
+    ]
+    if s["error"]:
+        lines.append(f"ERROR: {s['error']}")
+    header = ("lane", "pid", "alive", "batches", "examples", "tokens", "restarts", "bad", "dropped", "chunk")
+    rows = [header] + [
+        (p["lane"], p["pid"], "yes" if p["alive"] else "no", p["batches"], p["examples"], p["tokens"], p["restarts"],
+         p["bad_records"], p["tokens_dropped"], p["current_chunk"]) for p in s["producers"]
+    ]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    lines.append("")
+    lines += ["  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--batch", "k", default=0, show_default=True, help="Which unread batch: 0 is the consumer's next.")
+@click.option("--rows", default=2, show_default=True, help="How many rows of the batch to show.")
+def inspect(name: str, k: int, rows: int) -> None:
+    """Decode a batch waiting in ring NAME back to text, masked positions marked [input->label]."""
+    from ._status import peek
+    from ._tasks import build_task
+
+    found = peek(name, k)
+    recipe = found["recipe"]["recipe"]
+    task = build_task(recipe["task"], recipe["tokenizer"], recipe["batch_size"], recipe["seed"])
+    click.echo(f"ring {name}: chunk {found['chunk']} batch {found['index']} (lane {found['lane']}), "
+               f"task {recipe['task']['type']}; masked positions shown as [input->label]")
+    for row in range(min(rows, recipe["batch_size"])):
+        click.echo(f"--- row {row}")
+        click.echo(_render_row(task.tok.tokenizer, {k: v[row] for k, v in found["arrays"].items()}))
+
+
+def _render_row(tokenizer, row: dict) -> str:
+    ids, labels = row["input_ids"], row.get("labels")
+    attention = row.get("attention_mask")
+    words = []
+    for pos, token_id in enumerate(ids.tolist()):
+        if attention is not None and not attention[pos]:
+            words.append(f"[PAD]x{len(ids) - pos}")
+            break
+        token = tokenizer.id_to_token(token_id) or f"<{token_id}>"
+        if labels is not None and labels[pos] != -100:
+            original = tokenizer.id_to_token(int(labels[pos]))
+            token = f"[{token}->{original}]"
+        words.append(token)
+    return " ".join(words).replace(" ##", "")
+
+
+@main.command(name="ls")
+def list_command() -> None:
+    """The rings on this machine and whether their daemon is alive."""
+    from ._status import list_rings
+
+    rings = list_rings()
+    if not rings:
+        click.echo("no rings")
+        return
+    for r in rings:
+        alive = "alive" if r["alive"] else "dead (`ringload clean` removes it)"
+        click.echo(f"{r['name']}\t{r['state']}\tdaemon {r['daemon_pid']} {alive}")
+
+
+@main.command()
+def clean() -> None:
+    """Remove every ring (and stray semaphore) whose daemon is dead."""
+    from ._daemon import clean_orphans
+
+    removed = clean_orphans()
+    click.echo(f"removed {len(removed)} orphaned ring(s)" + (f": {', '.join(removed)}" if removed else ""))
+
+
+def run() -> None:
+    """Console-script entry point: RingloadErrors become one-line messages, not tracebacks."""
+    try:
+        main(standalone_mode=True)
+    except RingloadError as exc:
+        click.echo(f"ringload: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,258 @@
+"""The consumer: an in-process handle that hands out batches in stream order.
+
+The stream order is chunk order, and within a chunk, batch order. Producers finish chunks in
+whatever order their speed allows, so the consumer reorders: it holds at most one *head* per lane
+(a batch taken from the lane but not yet due) and delivers the batch ``(next_chunk, next_index)``
+from whichever lane has it. A lane's batches come out in the order it published them, which is
+chunk order, so the due batch is always at the front of some lane: no batch can be stuck behind
+another, and the lanes' slots are the reorder window.
+
+On CPU a batch is a dict of tensors that are views of the slot itself. The slot goes back to its
+producer when the next batch is requested, so a batch is valid until then; ``.clone()`` keeps one.
+
+The consumer records its position and per-lane counters in the ring after every batch, so if it
+dies, the next ``connect`` returns the slot it held, restores any semaphore token it lost and
+goes on with the next unread batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RingError
+from ._lanes import LaneWord, Semaphores, acquire
+from ._layout import FLAG_LAST_IN_CHUNK, Ring, SlotWord, State, Word
+from ._names import pid_alive
+
+POLL_S = 0.1
+HEARTBEAT_TIMEOUT_S = 5.0
+
+
+class Loader:
+    """Iterator over a ring's batches. Create it with :func:`ringload.connect`."""
+
+    def __init__(self, name: str, device: Any = "cpu", timeout: float = 30.0, dtypes: dict[str, Any] | None = None,
+                 prefetch: int = 2):
+        import torch
+
+        self._torch = torch
+        self.name = name
+        self.timeout = timeout
+        self.ring = ring = Ring.attach(name)
+        try:
+            self.sems = Semaphores(name, ring.geometry.lanes)
+        except RingError:
+            ring.close()
+            raise
+        self._lanes = ring.geometry.lanes
+        self._slots = ring.geometry.slots
+        self._words = ring.words
+        self._published = [ring.lane_word(p, LaneWord.PUBLISHED) for p in range(self._lanes)]
+        self._taken_word = [ring.lane_word(p, LaneWord.TAKEN) for p in range(self._lanes)]
+        self._released_word = [ring.lane_word(p, LaneWord.RELEASED) for p in range(self._lanes)]
+        self._views: dict[tuple[int, int], dict[str, Any]] = {}
+        self._heads: dict[int, tuple[int, int, int]] = {}  # lane -> (seq, chunk, index) taken, not yet due
+        self._in_hand: tuple[int, int] | None = None  # (lane, seq) of the batch last handed out
+        self._last_lane = 0
+        self._stager = None
+        self._claim()
+        self.device = torch.device(device)
+        self.dtypes = {k: v for k, v in (dtypes or {}).items()}
+        if self.device.type == "cuda":
+            from ._cuda import CudaStager
+
+            self._stager = CudaStager(self, prefetch)
+
+    # -- attachment and recovery -------------------------------------------------------------
+    def _claim(self) -> None:
+        """Become the ring's consumer; take over the position of a dead predecessor."""
+        w, ring = self._words, self.ring
+        holder = w[Word.CONSUMER_PID]
+        if holder and holder != os.getpid() and pid_alive(holder):
+            self.close()
+            raise RingError(f"ring {self.name!r} already has a consumer (pid {holder}); a ring serves one consumer")
+        w[Word.CONSUMER_PID] = os.getpid()
+        self.next_chunk, self.next_index, self.delivered = w[Word.NEXT_CHUNK], w[Word.NEXT_INDEX], w[Word.DELIVERED]
+        self._taken = [w[i] for i in self._taken_word]
+        self._released = [w[i] for i in self._released_word]
+        for lane in range(self._lanes):
+            for seq in range(self._released[lane], self._taken[lane]):
+                chunk, index = self._slot_word(lane, seq, SlotWord.CHUNK), self._slot_word(lane, seq, SlotWord.INDEX)
+                if (chunk, index) < (self.next_chunk, self.next_index):
+                    self._release(lane, seq)  # the batch a dead consumer held
+                elif lane not in self._heads:
+                    self._heads[lane] = (seq, chunk, index)
+            # Tokens a consumer killed between two steps may have lost; a surplus is absorbed later.
+            published = w[self._published[lane]]
+            for _ in range(published - self._taken[lane] - self.sems.filled[lane].value):
+                self.sems.filled[lane].release()
+            for _ in range(self._slots - (published - self._released[lane]) - self.sems.free[lane].value):
+                self.sems.free[lane].release()
+
+    def _slot_word(self, lane: int, seq: int, word: int) -> int:
+        return self._words[self.ring.slot_word(lane, seq % self._slots, word)]
+
+    def _release(self, lane: int, seq: int) -> None:
+        if seq != self._released[lane]:
+            raise RingError(f"ring {self.name!r}: lane {lane} released out of order ({seq} != {self._released[lane]})")
+        self._released[lane] = seq + 1
+        self._words[self._released_word[lane]] = seq + 1
+        self.sems.free[lane].release()
+
+    # -- iteration ---------------------------------------------------------------------------
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._stager is not None:
+            return self._stager.next()
+        if self._in_hand is not None:
+            self._release(*self._in_hand)
+            self._in_hand = None
+        lane, seq = self._next_slot()
+        self._in_hand = (lane, seq)
+        return self._tensors(lane, seq)
+
+    def _next_slot(self) -> tuple[int, int]:
+        """Wait for the due batch, advance the position past it and return its (lane, seq)."""
+        deadline = None
+        while True:
+            found = self._find()
+            if found is not None:
+                lane, seq = found
+                w = self._words
+                base = self.ring.slot_word(lane, seq % self._slots, 0)
+                rows, last = w[base + SlotWord.ROWS], w[base + SlotWord.FLAGS] & FLAG_LAST_IN_CHUNK
+                if last:
+                    self.next_chunk, self.next_index = self.next_chunk + 1, 0
+                else:
+                    self.next_index += 1
+                w[Word.NEXT_CHUNK], w[Word.NEXT_INDEX] = self.next_chunk, self.next_index
+                if rows == 0:
+                    self._release(lane, seq)  # an empty chunk's end marker
+                    continue
+                self.delivered += 1
+                w[Word.DELIVERED] = self.delivered
+                return lane, seq
+            end = self._words[Word.END_CHUNK]
+            if 0 <= end <= self.next_chunk:
+                raise StopIteration
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout
+            self._check_health(deadline)
+            acquire(self.sems.doorbell, POLL_S)
+
+    def _find(self) -> tuple[int, int] | None:
+        """Take lane heads until the due batch turns up; return its (lane, seq) or None."""
+        want_chunk, want_index = self.next_chunk, self.next_index
+        for lane, (seq, chunk, index) in self._heads.items():
+            if chunk == want_chunk:
+                del self._heads[lane]
+                self._check_index(lane, chunk, index)
+                return lane, seq
+        w = self._words
+        lanes = self._lanes
+        for step in range(lanes):
+            lane = (self._last_lane + step) % lanes
+            if lane in self._heads:
+                continue
+            while acquire(self.sems.filled[lane], 0):
+                seq = self._taken[lane]
+                if w[self._published[lane]] <= seq:
+                    continue  # a surplus token left by a repair: absorb it
+                base = self.ring.slot_word(lane, seq % self._slots, 0)
+                if w[base + SlotWord.SEQ] != seq or not 0 <= w[base + SlotWord.ROWS] <= self.ring.geometry.batch_size:
+                    raise RingError(f"ring {self.name!r}: lane {lane} slot {seq % self._slots} holds a torn batch "
+                                    f"(stamp {w[base + SlotWord.SEQ]}, expected {seq})")
+                self._taken[lane] = seq + 1
+                w[self._taken_word[lane]] = seq + 1
+                chunk, index = w[base + SlotWord.CHUNK], w[base + SlotWord.INDEX]
+                if chunk == want_chunk:
+                    self._check_index(lane, chunk, index)
+                    self._last_lane = lane
+                    return lane, seq
+                if chunk < want_chunk:
+                    raise RingError(f"ring {self.name!r}: lane {lane} published chunk {chunk} after the consumer "
+                                    f"had moved on to chunk {want_chunk}")
+                self._heads[lane] = (seq, chunk, index)
+                break
+        return None
+
+    def _check_index(self, lane: int, chunk: int, index: int) -> None:
+        if index != self.next_index:
+            raise RingError(f"ring {self.name!r}: lane {lane} delivered batch {index} of chunk {chunk} "
+                            f"where batch {self.next_index} was due: a batch was lost")
+
+    def _check_health(self, deadline: float) -> None:
+        """Raise if waiting longer is pointless: ring failed or stopped, daemon gone, timeout."""
+        w = self._words
+        state = State(w[Word.STATE])
+        if state == State.FAILED:
+            raise ProducerFailed(f"ring {self.name!r} failed: {self.ring.error}")
+        if state == State.STOPPING:
+            raise DaemonGone(f"ring {self.name!r} was stopped while the consumer waited for a batch")
+        pid = w[Word.DAEMON_PID]
+        if not pid_alive(pid):
+            raise DaemonGone(f"the daemon of ring {self.name!r} (pid {pid}) is gone; restart it with "
+                             f"`ringload start RECIPE --name {self.name}` (it reclaims the dead ring)")
+        silent = time.time() - w[Word.HEARTBEAT_NS] / 1e9
+        if silent > HEARTBEAT_TIMEOUT_S:
+            raise DaemonGone(f"the daemon of ring {self.name!r} (pid {pid}) has not sent a heartbeat for {silent:.1f} s")
+        if time.monotonic() > deadline:
+            raise LoaderTimeout(
+                f"no batch from ring {self.name!r} within {self.timeout:.0f} s (waiting for chunk {self.next_chunk} "
+                f"batch {self.next_index}); the daemon is alive: see `ringload status {self.name}`, "
+                "or pass a larger timeout to connect()"
+            )
+
+    def _tensors(self, lane: int, seq: int) -> dict[str, Any]:
+        key = (lane, seq % self._slots)
+        views = self._views.get(key)
+        if views is None:
+            views = {k: self._torch.from_numpy(v) for k, v in self.ring.slot_arrays(*key).items()}
+            self._views[key] = views
+        if not self.dtypes and self.device.type == "cpu":
+            return dict(views)
+        return {k: v.to(self.device, self.dtypes.get(k, v.dtype), non_blocking=True) for k, v in views.items()}
+
+    # -- checkpoints and teardown ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: the next batch this consumer will receive."""
+        return {"ring": self.name, "next_chunk": self.next_chunk, "next_index": self.next_index,
+                "delivered": self.delivered}
+
+    def close(self) -> None:
+        """Give back the held slot and detach; the ring and its daemon go on."""
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        if self._in_hand is not None and self.sems is not None:
+            self._release(*self._in_hand)
+            self._in_hand = None
+        if getattr(self, "_words", None) is not None and self._words[Word.CONSUMER_PID] == os.getpid():
+            self._words[Word.CONSUMER_PID] = 0
+        self._views.clear()
+        if getattr(self, "sems", None) is not None:
+            self.sems.close()
+            self.sems = None
+        self._words = None
+        self.ring.close()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(name: str, device: Any = "cpu", timeout: float = 30.0, dtypes: dict[str, Any] | None = None,
+            prefetch: int = 2) -> Loader:
+    """Attach to the ring ``name`` and iterate over its batches (``dict[str, torch.Tensor]``).
+
+    ``device``: "cpu" (zero-copy views of the ring) or a CUDA device (batches staged from pinned
+    ring memory by asynchronous copies, ``prefetch`` batches ahead). ``dtypes`` casts fields, e.g.
+    ``{"input_ids": torch.long}``. ``timeout``: seconds to wait for a batch before raising.
+    """
+    return Loader(name, device=device, timeout=timeout, dtypes=dtypes, prefetch=prefetch)

@@ -1,0 +1,384 @@
+"""The daemon: owns the ring, reads the sources, hands chunks to producers, supervises them.
+
+One process per ring. Its main thread waits on every producer's pipe and process sentinel at once
+(``multiprocessing.connection.wait``) and, at least every ``HEARTBEAT_S``, writes the heartbeat
+and the throughput into the ring header. A reader thread cuts the sources into chunks ahead of
+demand (a bounded queue), and a producer that asks for work gets the next chunk in order.
+
+A producer that dies without reporting an error is replaced, up to ``max_restarts`` times: the
+daemon restores the lane's semaphore tokens (``_lanes.repair_after_producer_death``) and gives the
+replacement the chunk the dead one held, with the number of batches it had already published,
+so the stream the consumer sees is the same as if nothing had happened. A producer that reports
+an error, or a source that cannot be read, fails the ring: the message goes into the header,
+where the consumer and ``ringload status`` read it.
+
+On SIGTERM, SIGINT or ``ringload stop`` the daemon stops the producers and removes every shared
+object of the ring.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import posix_ipc
+
+from ._errors import RingError
+from ._lanes import STAT_WORDS, LaneWord, Semaphores, last_published, repair_after_producer_death, unlink_semaphores
+from ._layout import Field, Geometry, Ring, State, Word
+from ._names import list_ring_names, list_semaphore_rings, pid_alive, shm_name, validate_name
+from ._producer import ERROR, WANT, encode_chunk, producer_main
+from ._recipe import Recipe
+from ._sources import Chunk, expand_paths, read_chunks
+from ._tasks import build_task
+
+HEARTBEAT_S = 0.25
+TOKENS_PER_BYTE_ESTIMATE = 0.3  # WordPiece/BPE on English prose; only sizes the default lanes
+log = logging.getLogger("ringload.daemon")
+
+
+@dataclass
+class ProducerSlot:
+    """The daemon's view of one lane's producer."""
+
+    lane: int
+    process: Any = None
+    conn: Connection | None = None
+    chunk: Chunk | None = None  # the chunk it is working on (at most one)
+    idle: bool = False
+    restarts: int = 0
+    redo: list[tuple[Chunk, int]] = field(default_factory=list)  # (chunk, skip) to give first
+
+
+def default_slots(recipe: Recipe, fields: list[Field]) -> int:
+    """Slots per lane to hold about two chunks of batches, so ordered delivery never convoys."""
+    row_tokens = fields[0].shape[1] if len(fields[0].shape) > 1 else 1
+    per_chunk = recipe.chunk_bytes * TOKENS_PER_BYTE_ESTIMATE / (recipe.batch_size * row_tokens)
+    return int(min(4096, max(8, math.ceil(2 * per_chunk))))
+
+
+def geometry_for(recipe: Recipe) -> Geometry:
+    fields = build_task(recipe.task, recipe.tokenizer, recipe.batch_size, recipe.seed).fields()
+    slots = recipe.slots or default_slots(recipe, fields)
+    return Geometry(recipe.producers, slots, recipe.batch_size, tuple(fields))
+
+
+class Daemon:
+    """Serves one ring until stopped. ``run`` blocks; it returns the process exit code."""
+
+    def __init__(self, recipe: Recipe, name: str | None = None):
+        self.recipe = recipe
+        self.name = validate_name(name or recipe.name)
+        self.stop_requested = threading.Event()
+        self.chunks: queue.Queue[Chunk | None] = queue.Queue(maxsize=2 * recipe.producers + 2)
+        self.reader_error: str | None = None
+        self.chunks_read: int | None = None  # total number of chunks, once the sources are exhausted
+        self.wake_r, self.wake_w = os.pipe()
+        self.producers: list[ProducerSlot] = []
+        self.ring: Ring | None = None
+        self.sems: Semaphores | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def run(self) -> int:
+        files = expand_paths(self.recipe.source)
+        geometry = geometry_for(self.recipe)
+        reclaim_if_dead(self.name)
+        self.ring = Ring.create(self.name, geometry, {"recipe": self.recipe.to_dict(), "files": files})
+        try:
+            self.sems = Semaphores(self.name, geometry.lanes, geometry.slots)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._request_stop())
+            threading.Thread(target=self._read, args=(files,), name="ringload-reader", daemon=True).start()
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per producer; no fork-after-threads
+            self.context = multiprocessing.get_context("spawn")
+            self.files = files
+            self.producers = [ProducerSlot(lane) for lane in range(geometry.lanes)]
+            for slot in self.producers:
+                self._spawn(slot)
+            self.ring.set_state(State.RUNNING)
+            log.info("ring %s: %d producers x %d slots of %d x %s, %.1f MiB in /dev/shm", self.name, geometry.lanes,
+                     geometry.slots, geometry.batch_size, [f.name for f in geometry.fields], self.ring.total_size / 2**20)
+            self._serve()
+        finally:
+            failed = self.ring.state == State.FAILED
+            self._teardown()
+        return 1 if failed else 0
+
+    def _request_stop(self) -> None:
+        self.stop_requested.set()
+        os.write(self.wake_w, b"s")
+
+    def _spawn(self, slot: ProducerSlot) -> None:
+        parent, child = self.context.Pipe()
+        process = self.context.Process(
+            target=producer_main, name=f"ringload-producer-{slot.lane}",
+            args=(self.name, slot.lane, child, self.recipe.to_dict(), self.files), daemon=True,
+        )
+        process.start()
+        child.close()
+        slot.process, slot.conn, slot.idle, slot.chunk = process, parent, False, None
+
+    def _teardown(self) -> None:
+        ring = self.ring
+        if ring.state != State.FAILED:
+            ring.set_state(State.STOPPING)
+        if self.sems:
+            self.sems.doorbell.release()  # wake a waiting consumer so it sees the new state
+        for slot in self.producers:
+            if slot.conn:
+                slot.conn.close()
+        deadline = time.monotonic() + 2.0
+        for slot in self.producers:
+            if slot.process and slot.process.is_alive():
+                slot.process.join(max(0.0, deadline - time.monotonic()))
+                if slot.process.is_alive():
+                    slot.process.kill()
+                    slot.process.join()
+        if self.sems:
+            self.sems.close()
+        remove_ring(self.name, ring.geometry.lanes)
+        ring.close()
+        log.info("ring %s: stopped and removed", self.name)
+
+    # -- the reader thread -------------------------------------------------------------------
+    def _read(self, files: list[str]) -> None:
+        count = 0
+        try:
+            for chunk in read_chunks(self.recipe.source, files, self.recipe.chunk_bytes, self.recipe.epochs):
+                while not self.stop_requested.is_set():
+                    try:
+                        self.chunks.put(chunk, timeout=HEARTBEAT_S)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop_requested.is_set():
+                    return
+                count += 1
+                os.write(self.wake_w, b"c")
+        except Exception as exc:  # any failure to read a source fails the ring with its cause
+            self.reader_error = f"reading the sources failed after chunk {count - 1}: {type(exc).__name__}: {exc}"
+        self.chunks_read = count
+        self.chunks.put(None)
+        os.write(self.wake_w, b"e")
+
+    # -- the main loop -----------------------------------------------------------------------
+    def _serve(self) -> None:
+        ring = self.ring
+        last_rate_t, last_totals = time.monotonic(), self._totals()
+        while not self.stop_requested.is_set():
+            waitables = [self.wake_r]
+            for slot in self.producers:
+                waitables += [slot.conn, slot.process.sentinel]
+            ready = set(wait(waitables, timeout=HEARTBEAT_S))
+            ring.heartbeat()
+            if self.wake_r in ready:
+                os.read(self.wake_r, 4096)
+            for slot in self.producers:
+                if slot.conn in ready:
+                    self._receive(slot)
+                if slot.process.sentinel in ready and not self.stop_requested.is_set():
+                    self._on_exit(slot)
+            if ring.state == State.FAILED:
+                self.sems.doorbell.release()
+                return
+            self._dispatch()
+            now = time.monotonic()
+            if now - last_rate_t >= 1.0:
+                totals = self._totals()
+                ring.set_float(Word.BATCHES_PER_S, (totals[0] - last_totals[0]) / (now - last_rate_t))
+                ring.set_float(Word.TOKENS_PER_S, (totals[1] - last_totals[1]) / (now - last_rate_t))
+                last_rate_t, last_totals = now, totals
+
+    def _totals(self) -> tuple[int, int]:
+        w, ring = self.ring.words, self.ring
+        lanes = range(ring.geometry.lanes)
+        return (sum(w[ring.lane_word(p, LaneWord.BATCHES)] for p in lanes),
+                sum(w[ring.lane_word(p, LaneWord.TOKENS)] for p in lanes))
+
+    def _receive(self, slot: ProducerSlot) -> None:
+        try:
+            message = slot.conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # it died; its sentinel reports that
+        if message == WANT:
+            slot.chunk, slot.idle = None, True
+        elif message.startswith(ERROR):
+            self.ring.fail(message[len(ERROR):].decode(errors="replace"))
+
+    def _dispatch(self) -> None:
+        for slot in self.producers:
+            if not slot.idle:
+                continue
+            if slot.redo:
+                chunk, skip = slot.redo.pop(0)
+            else:
+                try:
+                    chunk = self.chunks.get_nowait()
+                except queue.Empty:
+                    return
+                if chunk is None:
+                    self._end_of_sources()
+                    return
+                skip = 0
+            try:
+                slot.conn.send_bytes(encode_chunk(chunk, skip))
+            except OSError:
+                slot.redo.insert(0, (chunk, skip))  # it died meanwhile; its replacement gets it
+                continue
+            slot.chunk, slot.idle = chunk, False
+
+    def _end_of_sources(self) -> None:
+        self.chunks.put(None)  # keep the marker for the next idle producer
+        if self.reader_error:
+            self.ring.fail(self.reader_error)
+            return
+        if self.ring.get(Word.END_CHUNK) < 0:
+            end = self.chunks_read
+            self.ring.set(Word.END_CHUNK, end)
+            self.sems.doorbell.release()
+            log.info("ring %s: all %d chunks read", self.name, end)
+        if all(s.idle and not s.redo for s in self.producers):
+            self.ring.set_state(State.FINISHED)
+
+    def _on_exit(self, slot: ProducerSlot) -> None:
+        slot.process.join()
+        code = slot.process.exitcode
+        ring = self.ring
+        ring.set(ring.lane_word(slot.lane, LaneWord.EXITCODE), code if code is not None else -1)
+        if ring.state == State.FAILED:
+            return
+        if code == 0 and slot.chunk is None:
+            return
+        if slot.restarts >= self.recipe.max_restarts:
+            ring.fail(f"producer {slot.lane} died (exit code {code}) {slot.restarts + 1} times; "
+                      f"giving up (max_restarts: {self.recipe.max_restarts}); see the daemon's log")
+            return
+        slot.restarts += 1
+        ring.set(ring.lane_word(slot.lane, LaneWord.RESTARTS), slot.restarts)
+        repair_after_producer_death(ring, self.sems, slot.lane)
+        if slot.chunk is not None and not self._finished(slot.lane, slot.chunk.id):
+            slot.redo.insert(0, (slot.chunk, self._published_of(slot.lane, slot.chunk.id)))
+        log.warning("ring %s: producer %d died (exit code %s); restarting it (%d/%d)%s", self.name, slot.lane, code,
+                    slot.restarts, self.recipe.max_restarts,
+                    f", redoing chunk {slot.chunk.id}" if slot.chunk else "")
+        slot.conn.close()
+        self._spawn(slot)
+
+    def _published_of(self, lane: int, chunk_id: int) -> int:
+        """How many batches of ``chunk_id`` the lane has already published."""
+        newest = last_published(self.ring, lane)
+        return newest[1] + 1 if newest and newest[0] == chunk_id else 0
+
+    def _finished(self, lane: int, chunk_id: int) -> bool:
+        """True if the lane has published the chunk's flagged last batch."""
+        newest = last_published(self.ring, lane)
+        return bool(newest and newest[0] == chunk_id and newest[2])
+
+
+# -- ring housekeeping, used by the daemon and the CLI -----------------------------------------
+def remove_ring(name: str, lanes: int | None = None) -> None:
+    """Unlink the ring's shared memory and semaphores (mappings that exist stay valid)."""
+    try:
+        posix_ipc.unlink_shared_memory(shm_name(name))
+    except posix_ipc.ExistentialError:
+        pass
+    if lanes is not None:
+        unlink_semaphores(name, lanes)
+    for sem in list_semaphore_rings().get(name, []):
+        try:
+            posix_ipc.unlink_semaphore(sem)
+        except posix_ipc.ExistentialError:
+            pass
+
+
+def ring_owner(name: str) -> int | None:
+    """The pid of the daemon serving ``name`` if it is alive, else None."""
+    try:
+        ring = Ring.attach(name)
+    except RingError:
+        return None
+    try:
+        pid = ring.get(Word.DAEMON_PID)
+    finally:
+        ring.close()
+    return pid if pid_alive(pid) else None
+
+
+def reclaim_if_dead(name: str) -> bool:
+    """Remove a ring whose daemon is dead; refuse if its daemon still runs. True if one was removed."""
+    exists = name in list_ring_names() or name in list_semaphore_rings()
+    if not exists:
+        return False
+    owner = ring_owner(name)
+    if owner is not None:
+        raise RingError(f"ring {name!r} is already served by daemon pid {owner}; "
+                        f"stop it with `ringload stop {name}` or start this one with another --name")
+    remove_ring(name)
+    log.warning("ring %s: removed the leftovers of a dead daemon", name)
+    return True
+
+
+def clean_orphans() -> list[str]:
+    """Remove every ring of this user whose daemon is dead; return their names."""
+    removed = []
+    for name in sorted(set(list_ring_names()) | set(list_semaphore_rings())):
+        try:
+            validate_name(name)
+            if reclaim_if_dead(name):
+                removed.append(name)
+        except RingError:
+            continue
+    return removed
+
+
+def launch(recipe_path: str, name: str, producers: int | None = None, log_path: Path | None = None,
+           detach: bool = False, ready_timeout: float = 60.0) -> subprocess.Popen:
+    """Start ``ringload start`` in a child process and return once its ring is RUNNING."""
+    command = [sys.executable, "-m", "ringload", "start", recipe_path, "--name", name]
+    if producers:
+        command += ["--producers", str(producers)]
+    log_path = log_path or log_file(name)
+    with open(log_path, "ab") as out:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=detach)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise RingError(f"`ringload start` for ring {name!r} exited with code {code}:\n  " + "\n  ".join(tail))
+        if name in list_ring_names():
+            try:
+                ring = Ring.attach(name)
+            except RingError:
+                ring = None  # still being created
+            if ring is not None:
+                state = ring.state
+                ring.close()
+                if state in (State.RUNNING, State.FINISHED):
+                    return process
+        time.sleep(0.01)
+    process.kill()
+    raise RingError(f"ring {name!r} was not ready within {ready_timeout:.0f} s; see {log_path}")
+
+
+def log_file(name: str) -> Path:
+    directory = Path(tempfile.gettempdir()) / f"ringload-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory / f"{validate_name(name)}.log"
+
+
+def lane_stats(ring: Ring, lane: int) -> dict[str, int]:
+    return {key: ring.get(ring.lane_word(lane, word)) for key, word in STAT_WORDS.items()}

@@ -1,0 +1,206 @@
+"""Lanes and sequencing: how a slot passes between its producer and the consumer.
+
+Each producer owns one lane of ``S`` slots. Lane sequence numbers ``s = 0, 1, 2, ...`` name the
+batches the lane carries, in order; batch ``s`` lives in slot ``s % S``. Four monotonically
+increasing 64-bit counters in the lane's control block say where every slot stands:
+
+=============  ========  =================================================================
+counter        writer    meaning
+=============  ========  =================================================================
+``published``  producer  batches ``s < published`` are complete in their slots
+``posted``     producer  ``filled`` has been posted for every ``s < posted``
+``taken``      consumer  the consumer holds batches ``released <= s < taken``
+``released``   consumer  slots of ``s < released`` are free for the producer again
+=============  ========  =================================================================
+
+Invariant: ``released <= taken <= published <= released + S``. A slot's state follows from them::
+
+    FREE -> (producer takes a `free` token) -> WRITING -> (published += 1, post `filled`)
+         -> PUBLISHED -> (consumer takes a `filled` token) -> TAKEN
+         -> (released += 1, post `free`) -> FREE
+
+Lane control block (4 cache lines; counters on separate lines so the two sides never write the
+same line)::
+
+    line 0  producer:  published | posted
+    line 1  consumer:  taken | released
+    line 2  producer:  batches | examples | tokens | bad_records | tokens_dropped | chunks | current_chunk | pid
+    line 3  daemon:    restarts | exitcode
+
+Semaphores (POSIX, mode 0600): ``filled.P`` counts published slots not yet taken, ``free.P`` free
+slots of lane P, and one ``doorbell`` that every publish also posts, so the consumer can sleep
+until *any* lane has news. Publication is the semaphore: a producer writes the slot, then posts;
+the consumer waits, then reads. ``sem_post``/``sem_wait`` order memory between processes, so no
+step relies on the CPU's store order.
+
+No lock exists that a dead process could leave held. A process killed between two steps can
+lose or duplicate at most one token; whoever repairs the lane (the daemon after a producer
+death, the next consumer after a consumer death) posts the tokens the counters say are missing.
+A surplus token is harmless: after every wait each side re-checks the counters, and a token that
+the counters do not back is simply absorbed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import posix_ipc
+
+from ._errors import RingError
+from ._layout import FLAG_LAST_IN_CHUNK, SlotWord, Ring
+from ._names import doorbell_sem_name, filled_sem_name, free_sem_name
+
+
+class LaneWord:
+    PUBLISHED = 0
+    POSTED = 1
+    TAKEN = 8
+    RELEASED = 9
+    BATCHES = 16
+    EXAMPLES = 17
+    TOKENS = 18
+    BAD_RECORDS = 19
+    TOKENS_DROPPED = 20
+    CHUNKS = 21
+    CURRENT_CHUNK = 22
+    PID = 23
+    RESTARTS = 24
+    EXITCODE = 25
+
+
+STAT_WORDS = {
+    "batches": LaneWord.BATCHES,
+    "examples": LaneWord.EXAMPLES,
+    "tokens": LaneWord.TOKENS,
+    "bad_records": LaneWord.BAD_RECORDS,
+    "tokens_dropped": LaneWord.TOKENS_DROPPED,
+    "chunks": LaneWord.CHUNKS,
+}
+
+
+class Semaphores:
+    """The ring's semaphores, opened (or created, by the daemon) by name."""
+
+    def __init__(self, ring_name: str, lanes: int, slots: int | None = None):
+        create = slots is not None
+        flags = posix_ipc.O_CREX if create else 0
+
+        def open_sem(name: str, initial: int) -> posix_ipc.Semaphore:
+            try:
+                return posix_ipc.Semaphore(name, flags, mode=0o600, initial_value=initial)
+            except posix_ipc.ExistentialError:
+                what = "already exists (run `ringload clean`)" if create else "is missing: the ring is being torn down"
+                raise RingError(f"semaphore {name} of ring {ring_name!r} {what}") from None
+
+        self.doorbell = open_sem(doorbell_sem_name(ring_name), 0)
+        self.filled = [open_sem(filled_sem_name(ring_name, p), 0) for p in range(lanes)]
+        self.free = [open_sem(free_sem_name(ring_name, p), slots or 0) for p in range(lanes)]
+
+    def close(self) -> None:
+        for sem in (self.doorbell, *self.filled, *self.free):
+            sem.close()
+
+
+def unlink_semaphores(ring_name: str, lanes: int) -> None:
+    names = [doorbell_sem_name(ring_name)]
+    names += [filled_sem_name(ring_name, p) for p in range(lanes)]
+    names += [free_sem_name(ring_name, p) for p in range(lanes)]
+    for name in names:
+        try:
+            posix_ipc.unlink_semaphore(name)
+        except posix_ipc.ExistentialError:
+            pass
+
+
+def acquire(sem: posix_ipc.Semaphore, timeout: float) -> bool:
+    """Take one token, waiting up to ``timeout`` seconds (0 = don't wait)."""
+    try:
+        sem.acquire(timeout)
+        return True
+    except posix_ipc.BusyError:
+        return False
+
+
+class LaneWriter:
+    """The producer's end of its lane: claim a free slot, fill it, publish it."""
+
+    def __init__(self, ring: Ring, sems: Semaphores, lane: int):
+        self.ring, self.lane = ring, lane
+        self.words = ring.words
+        self.slots = ring.geometry.slots
+        self._free, self._filled, self._doorbell = sems.free[lane], sems.filled[lane], sems.doorbell
+        self._published = ring.lane_word(lane, LaneWord.PUBLISHED)
+        self._posted = ring.lane_word(lane, LaneWord.POSTED)
+        self._released = ring.lane_word(lane, LaneWord.RELEASED)
+        self.views = [ring.slot_arrays(lane, j) for j in range(self.slots)]
+
+    @property
+    def next_seq(self) -> int:
+        return self.words[self._published]
+
+    def claim(self, keep_waiting: Callable[[], bool], poll: float = 0.2) -> int:
+        """Wait for a free slot for the next sequence number and return that sequence number.
+
+        ``keep_waiting`` is asked every ``poll`` seconds while the lane is full; when it says no
+        the wait ends with ``InterruptedError``.
+        """
+        seq = self.words[self._published]
+        while True:
+            if acquire(self._free, poll):
+                # The consumer stored `released` before posting, so this read is current.
+                if seq - self.words[self._released] < self.slots:
+                    return seq
+                continue  # a surplus token left by a repair: absorb it
+            if not keep_waiting():
+                raise InterruptedError("lane wait abandoned")
+
+    def publish(self, seq: int, chunk: int, index: int, rows: int, last: bool, cursor: tuple[int, int, int, int],
+                records_done: int, tokens: int, checksum: int = 0) -> None:
+        """Stamp the slot header, then make the slot visible: published, post filled, post doorbell."""
+        w = self.words
+        base = self.ring.slot_word(self.lane, seq % self.slots, 0)
+        epoch, file_index, chunk_offset, chunk_line = cursor
+        w[base + SlotWord.CHUNK] = chunk
+        w[base + SlotWord.INDEX] = index
+        w[base + SlotWord.ROWS] = rows
+        w[base + SlotWord.FLAGS] = FLAG_LAST_IN_CHUNK if last else 0
+        w[base + SlotWord.EPOCH] = epoch
+        w[base + SlotWord.FILE_INDEX] = file_index
+        w[base + SlotWord.CHUNK_OFFSET] = chunk_offset
+        w[base + SlotWord.CHUNK_LINE] = chunk_line
+        w[base + SlotWord.RECORDS_DONE] = records_done
+        w[base + SlotWord.TOKENS] = tokens
+        w[base + SlotWord.CHECKSUM] = checksum
+        w[base + SlotWord.SEQ] = seq
+        w[self._published] = seq + 1
+        self._filled.release()
+        w[self._posted] = seq + 1
+        self._doorbell.release()
+
+
+def last_published(ring: Ring, lane: int) -> tuple[int, int, bool] | None:
+    """(chunk, index, last-in-chunk) of the lane's newest published batch, or None if it has none."""
+    published = ring.words[ring.lane_word(lane, LaneWord.PUBLISHED)]
+    if published == 0:
+        return None
+    base = ring.slot_word(lane, (published - 1) % ring.geometry.slots, 0)
+    w = ring.words
+    return w[base + SlotWord.CHUNK], w[base + SlotWord.INDEX], bool(w[base + SlotWord.FLAGS] & FLAG_LAST_IN_CHUNK)
+
+
+def repair_after_producer_death(ring: Ring, sems: Semaphores, lane: int) -> None:
+    """Restore the tokens a producer killed mid-step may have lost (the daemon calls this).
+
+    ``filled``: a death between ``published += 1`` and its post leaves a published batch with no
+    token, so post it. ``free``: a death while holding a free token (or between taking it and
+    writing) leaves the lane short; the count the counters imply is ``S - (published - released)``.
+    """
+    w = ring.words
+    published = w[ring.lane_word(lane, LaneWord.PUBLISHED)]
+    if w[ring.lane_word(lane, LaneWord.POSTED)] < published:
+        sems.filled[lane].release()
+        sems.doorbell.release()
+        w[ring.lane_word(lane, LaneWord.POSTED)] = published
+    missing = ring.geometry.slots - (published - w[ring.lane_word(lane, LaneWord.RELEASED)]) - sems.free[lane].value
+    for _ in range(max(0, missing)):
+        sems.free[lane].release()

@@ -1,0 +1,412 @@
+"""The ring's shared memory: byte layout, creation, validated attachment.
+
+One POSIX shared-memory object ``/dev/shm/ringload.NAME`` (mode 0600) holds everything; the
+semaphores that pass slots between processes are described in ``_lanes``. All integers are
+little-endian int64 unless noted; every region starts on a 64-byte cache line.
+
+Byte layout::
+
+    0      identity line (written once by the daemon before anyone attaches)
+           magic "RINGLOAD" | version u32 | header_size u32 | total_size | lanes u32 | slots u32
+           | slot_size | lanes_offset | slots_offset | fields u32 | batch_size u32
+    64     daemon line (daemon writes, everyone reads)
+           daemon_pid | heartbeat_ns | state | created_ns | end_chunk | batches_per_s (f64)
+           | tokens_per_s (f64) | owner_uid
+    128    consumer line (the consumer writes, the daemon and CLI read)
+           consumer_pid | next_chunk | next_index | delivered
+    256    schema: 8 entries x 64 bytes
+           name 24s | dtype 8s (numpy str, e.g. "<i4") | ndim u32 | dims 3 x u32 | offset | nbytes
+    768    last error: length u32 + UTF-8 text (ERROR_CAPACITY bytes)
+    1792   recipe: length u32 + JSON text of the resolved recipe (up to the header's end)
+    lanes_offset   one LANE_BLOCK (4 lines) per producer lane, see ``_lanes``
+    slots_offset   lanes x slots fixed-size slots; lane p, slot j at slots_offset + (p*slots+j)*slot_size
+
+Slot layout::
+
+    0      slot header (2 lines): seq | chunk | index | rows | flags | epoch | file_index
+           | chunk_offset | chunk_line | records_done | tokens | checksum
+    128    each field's array, C-contiguous, at its schema offset (64-byte aligned)
+
+States of the ring (``state``): STARTING -> RUNNING -> STOPPING, or FAILED with the error text set
+(any time), or FINISHED once every chunk of a finite stream is published.
+
+Attaching validates magic, version, ownership, mode and every offset and shape against the size of
+the mapping before a single view is made, so a corrupt or hostile header cannot make a reader touch
+memory outside the mapping.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import mmap
+import os
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import numpy as np
+import posix_ipc
+
+from ._errors import RingError
+from ._names import shm_name, validate_name
+
+MAGIC = b"RINGLOAD"
+VERSION = 1
+LINE = 64
+MAX_FIELDS = 8
+MAX_LANES = 256
+MAX_SLOTS = 1 << 16
+SCHEMA_OFFSET = 256
+ERROR_OFFSET = SCHEMA_OFFSET + MAX_FIELDS * LINE
+ERROR_CAPACITY = 1020
+RECIPE_OFFSET = ERROR_OFFSET + 4 + ERROR_CAPACITY
+LANE_BLOCK = 4 * LINE
+SLOT_HEADER_SIZE = 2 * LINE
+ALLOWED_DTYPES = ("|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<f2", "<f4", "<f8", "|b1")
+
+_IDENTITY = struct.Struct("<8sIIQIIQQQII")
+
+
+class State(enum.IntEnum):
+    STARTING = 0
+    RUNNING = 1
+    STOPPING = 2
+    FAILED = 3
+    FINISHED = 4
+
+
+class Word:
+    """Int64 word indexes (byte offset / 8) of the header's mutable fields."""
+
+    DAEMON_PID = 8
+    HEARTBEAT_NS = 9
+    STATE = 10
+    CREATED_NS = 11
+    END_CHUNK = 12
+    BATCHES_PER_S = 13  # float64 bits
+    TOKENS_PER_S = 14  # float64 bits
+    OWNER_UID = 15
+    CONSUMER_PID = 16
+    NEXT_CHUNK = 17
+    NEXT_INDEX = 18
+    DELIVERED = 19
+
+
+class SlotWord:
+    """Int64 word indexes inside a slot header."""
+
+    SEQ = 0
+    CHUNK = 1
+    INDEX = 2
+    ROWS = 3
+    FLAGS = 4
+    EPOCH = 5
+    FILE_INDEX = 6
+    CHUNK_OFFSET = 7
+    CHUNK_LINE = 8
+    RECORDS_DONE = 9
+    TOKENS = 10
+    CHECKSUM = 11
+
+
+FLAG_LAST_IN_CHUNK = 1
+
+
+@dataclass(frozen=True)
+class Field:
+    """One array of a batch: its name, element type and full shape (batch dimension first)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+def _align(n: int, to: int = LINE) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Everything that fixes the ring's size: lanes, slots per lane, and the batch schema."""
+
+    lanes: int
+    slots: int
+    batch_size: int
+    fields: tuple[Field, ...]
+
+    def field_offsets(self) -> list[int]:
+        offsets, at = [], SLOT_HEADER_SIZE
+        for f in self.fields:
+            offsets.append(at)
+            at = _align(at + f.nbytes)
+        return offsets
+
+    @property
+    def slot_size(self) -> int:
+        last = self.fields[-1]
+        return _align(self.field_offsets()[-1] + last.nbytes)
+
+    def header_size(self, recipe_json: bytes) -> int:
+        return _align(RECIPE_OFFSET + 4 + len(recipe_json), 4096)
+
+    def total_size(self, recipe_json: bytes) -> int:
+        lanes_offset = self.header_size(recipe_json)
+        slots_offset = _align(lanes_offset + self.lanes * LANE_BLOCK, 4096)
+        return slots_offset + self.lanes * self.slots * self.slot_size
+
+    def check(self) -> None:
+        if not 1 <= self.lanes <= MAX_LANES:
+            raise RingError(f"producers must be 1..{MAX_LANES}, got {self.lanes}")
+        if not 2 <= self.slots <= MAX_SLOTS:
+            raise RingError(f"slots must be 2..{MAX_SLOTS} per producer, got {self.slots}")
+        if not 1 <= len(self.fields) <= MAX_FIELDS:
+            raise RingError(f"a batch needs 1..{MAX_FIELDS} fields, got {len(self.fields)}")
+        for f in self.fields:
+            if np.dtype(f.dtype).str not in ALLOWED_DTYPES or not 1 <= len(f.shape) <= 3:
+                raise RingError(f"field {f.name!r}: unsupported dtype {f.dtype} or shape {f.shape}")
+            if len(f.name.encode()) > 24:
+                raise RingError(f"field name {f.name!r} is longer than 24 bytes")
+
+
+class Ring:
+    """A mapped ring: header accessors and zero-copy numpy views of slots.
+
+    Create with :meth:`create` (the daemon) or :meth:`attach` (everyone else).
+    """
+
+    def __init__(self, name: str, mem: mmap.mmap, geometry: Geometry, owner: bool):
+        self.name = name
+        self.geometry = geometry
+        self.owner = owner
+        self._mem = mem
+        self.words = memoryview(mem).cast("q")
+        ident = _IDENTITY.unpack_from(mem, 0)
+        self.header_size, self.total_size = ident[2], ident[3]
+        self.slot_size, self.lanes_offset, self.slots_offset = ident[6], ident[7], ident[8]
+        self.field_offsets = geometry.field_offsets()
+
+    # -- creation and attachment -------------------------------------------------------------
+    @classmethod
+    def create(cls, name: str, geometry: Geometry, recipe: dict[str, Any]) -> "Ring":
+        """Create the shared-memory object (0600), reserve its pages, and write the header."""
+        geometry.check()
+        recipe_json = json.dumps(recipe, sort_keys=True).encode()
+        size = geometry.total_size(recipe_json)
+        _check_room(name, size)
+        try:
+            shm = posix_ipc.SharedMemory(shm_name(name), posix_ipc.O_CREX, mode=0o600, size=0)
+        except posix_ipc.ExistentialError:
+            raise RingError(f"ring {name!r} already exists; run `ringload stop {name}` first") from None
+        try:
+            os.ftruncate(shm.fd, size)
+            # Reserve every page now: a tmpfs that fills up later would SIGBUS the writer instead.
+            os.posix_fallocate(shm.fd, 0, size)
+            mem = mmap.mmap(shm.fd, size)
+        except OSError as exc:
+            shm.close_fd()
+            shm.unlink()
+            raise RingError(
+                f"cannot reserve {size / 2**20:.1f} MiB in /dev/shm for ring {name!r}: {exc.strerror}; "
+                "lower slots, batch_size or seq_len in the recipe, or give /dev/shm more room"
+            ) from None
+        finally:
+            if shm.fd >= 0:
+                shm.close_fd()
+        header_size = geometry.header_size(recipe_json)
+        lanes_offset = header_size
+        slots_offset = _align(lanes_offset + geometry.lanes * LANE_BLOCK, 4096)
+        for i, (f, off) in enumerate(zip(geometry.fields, geometry.field_offsets())):
+            dims = list(f.shape) + [0] * (3 - len(f.shape))
+            struct.pack_into(
+                "<24s8sIIIIQQ", mem, SCHEMA_OFFSET + i * LINE, f.name.encode(),
+                np.dtype(f.dtype).str.encode(), len(f.shape), *dims, off, f.nbytes,
+            )
+        struct.pack_into("<I", mem, RECIPE_OFFSET, len(recipe_json))
+        mem[RECIPE_OFFSET + 4:RECIPE_OFFSET + 4 + len(recipe_json)] = recipe_json
+        _IDENTITY.pack_into(
+            mem, 0, b"\0" * 8, VERSION, header_size, size, geometry.lanes, geometry.slots,
+            geometry.slot_size, lanes_offset, slots_offset, len(geometry.fields), geometry.batch_size,
+        )
+        ring = cls(name, mem, geometry, owner=True)
+        ring.words[Word.OWNER_UID] = os.getuid()
+        ring.words[Word.END_CHUNK] = -1
+        ring.words[Word.DAEMON_PID] = os.getpid()
+        ring.words[Word.CREATED_NS] = ring.words[Word.HEARTBEAT_NS] = _now_ns()
+        # The magic goes in last: a reader that sees it sees a complete header.
+        mem[0:8] = MAGIC
+        return ring
+
+    @classmethod
+    def attach(cls, name: str) -> "Ring":
+        """Map an existing ring after checking owner, mode and every offset in its header."""
+        validate_name(name)
+        try:
+            shm = posix_ipc.SharedMemory(shm_name(name))
+        except posix_ipc.ExistentialError:
+            raise RingError(
+                f"no ring named {name!r} on this machine; start one with `ringload start RECIPE --name {name}` "
+                "(`ringload ls` lists the rings)"
+            ) from None
+        try:
+            st = os.fstat(shm.fd)
+            if st.st_uid != os.getuid():
+                raise RingError(f"ring {name!r} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); refusing to attach")
+            if stat.S_IMODE(st.st_mode) & 0o077:
+                raise RingError(f"ring {name!r} has mode {stat.S_IMODE(st.st_mode):o}; ringload only attaches to 0600 rings")
+            if st.st_size < RECIPE_OFFSET + 4:
+                raise RingError(f"ring {name!r} is too small ({st.st_size} bytes) to hold a ringload header")
+            mem = mmap.mmap(shm.fd, st.st_size)
+        finally:
+            shm.close_fd()
+        try:
+            geometry = _validate_header(name, mem)
+        except RingError:
+            mem.close()
+            raise
+        return cls(name, mem, geometry, owner=False)
+
+    def close(self) -> None:
+        """Drop this process's mapping; numpy views still alive keep it mapped until collected."""
+        self.words.release()
+        try:
+            self._mem.close()
+        except BufferError:
+            pass  # a caller still holds a view (e.g. a kept batch tensor); the GC unmaps later
+
+    # -- header fields -----------------------------------------------------------------------
+    def get(self, word: int) -> int:
+        return self.words[word]
+
+    def set(self, word: int, value: int) -> None:
+        self.words[word] = value
+
+    def get_float(self, word: int) -> float:
+        return struct.unpack_from("<d", self._mem, word * 8)[0]
+
+    def set_float(self, word: int, value: float) -> None:
+        struct.pack_into("<d", self._mem, word * 8, value)
+
+    @property
+    def state(self) -> State:
+        return State(self.words[Word.STATE])
+
+    def set_state(self, state: State) -> None:
+        self.words[Word.STATE] = int(state)
+
+    @property
+    def error(self) -> str:
+        (n,) = struct.unpack_from("<I", self._mem, ERROR_OFFSET)
+        return bytes(self._mem[ERROR_OFFSET + 4:ERROR_OFFSET + 4 + min(n, ERROR_CAPACITY)]).decode(errors="replace")
+
+    def fail(self, message: str) -> None:
+        """Record the first failure's text and switch to FAILED (later failures keep the first text)."""
+        if self.state == State.FAILED:
+            return
+        data = message.encode()[:ERROR_CAPACITY]
+        self._mem[ERROR_OFFSET + 4:ERROR_OFFSET + 4 + len(data)] = data
+        struct.pack_into("<I", self._mem, ERROR_OFFSET, len(data))
+        self.set_state(State.FAILED)
+
+    def recipe(self) -> dict[str, Any]:
+        (n,) = struct.unpack_from("<I", self._mem, RECIPE_OFFSET)
+        return json.loads(bytes(self._mem[RECIPE_OFFSET + 4:RECIPE_OFFSET + 4 + n]))
+
+    def heartbeat(self) -> None:
+        self.words[Word.HEARTBEAT_NS] = _now_ns()
+
+    # -- lanes and slots ---------------------------------------------------------------------
+    def lane_word(self, lane: int, word: int) -> int:
+        """Index into ``words`` of word ``word`` of lane ``lane``'s control block."""
+        return (self.lanes_offset + lane * LANE_BLOCK) // 8 + word
+
+    def slot_word(self, lane: int, slot: int, word: int) -> int:
+        """Index into ``words`` of header word ``word`` of slot ``slot`` in lane ``lane``."""
+        return (self.slots_offset + (lane * self.geometry.slots + slot) * self.slot_size) // 8 + word
+
+    def slot_arrays(self, lane: int, slot: int) -> dict[str, np.ndarray]:
+        """Writable zero-copy numpy views of one slot's fields."""
+        base = self.slots_offset + (lane * self.geometry.slots + slot) * self.slot_size
+        return {
+            f.name: np.frombuffer(self._mem, dtype=f.dtype, count=prod(f.shape), offset=base + off).reshape(f.shape)
+            for f, off in zip(self.geometry.fields, self.field_offsets)
+        }
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _check_room(name: str, size: int) -> None:
+    try:
+        vfs = os.statvfs("/dev/shm")
+    except OSError:
+        return
+    free = vfs.f_bavail * vfs.f_frsize
+    if size > free:
+        raise RingError(
+            f"ring {name!r} needs {size / 2**20:.1f} MiB of shared memory but /dev/shm has only "
+            f"{free / 2**20:.1f} MiB free; lower slots, batch_size or seq_len in the recipe, "
+            "or enlarge /dev/shm (docker: --shm-size)"
+        )
+
+
+def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
+    """Rebuild the geometry from an untrusted header, checking every number against the mapping."""
+    size = len(mem)
+    (magic, version, header_size, total_size, lanes, slots, slot_size, lanes_offset, slots_offset,
+     n_fields, batch_size) = _IDENTITY.unpack_from(mem, 0)
+
+    def bad(why: str) -> RingError:
+        return RingError(f"ring {name!r} has a corrupt or foreign header ({why}); refusing to attach. "
+                         f"If no daemon owns it, `ringload clean` removes it")
+
+    if magic != MAGIC:
+        raise bad("bad magic: not a ringload ring, or its daemon is still creating it")
+    if version != VERSION:
+        raise bad(f"format version {version}, this ringload reads version {VERSION}")
+    if total_size != size:
+        raise bad(f"header says {total_size} bytes, mapping has {size}")
+    if not (RECIPE_OFFSET + 4 <= header_size <= lanes_offset and lanes_offset % LINE == 0):
+        raise bad("header size or lane offset out of range")
+    if not (1 <= lanes <= MAX_LANES and 2 <= slots <= MAX_SLOTS and 1 <= n_fields <= MAX_FIELDS and batch_size >= 1):
+        raise bad(f"lanes={lanes} slots={slots} fields={n_fields} batch_size={batch_size}")
+    if lanes_offset + lanes * LANE_BLOCK > slots_offset or slots_offset % LINE or slot_size % LINE:
+        raise bad("lane blocks overlap the slots or are misaligned")
+    if slot_size < SLOT_HEADER_SIZE or slots_offset + lanes * slots * slot_size > size:
+        raise bad("slots extend past the end of the mapping")
+    (recipe_len,) = struct.unpack_from("<I", mem, RECIPE_OFFSET)
+    if RECIPE_OFFSET + 4 + recipe_len > header_size:
+        raise bad("recipe text extends past the header")
+    fields, offsets = [], []
+    for i in range(n_fields):
+        raw_name, raw_dtype, ndim, d0, d1, d2, off, nbytes = struct.unpack_from("<24s8sIIIIQQ", mem, SCHEMA_OFFSET + i * LINE)
+        dtype_str = raw_dtype.rstrip(b"\0").decode("ascii", "replace")
+        if dtype_str not in ALLOWED_DTYPES or not 1 <= ndim <= 3:
+            raise bad(f"field {i}: dtype {dtype_str!r} ndim {ndim}")
+        shape = (d0, d1, d2)[:ndim]
+        if any(d < 1 for d in shape) or shape[0] != batch_size:
+            raise bad(f"field {i}: shape {shape} with batch_size {batch_size}")
+        dtype = np.dtype(dtype_str)
+        if prod(shape) * dtype.itemsize != nbytes or off % LINE or off < SLOT_HEADER_SIZE or off + nbytes > slot_size:
+            raise bad(f"field {i}: offset {off} + {nbytes} bytes outside a {slot_size}-byte slot")
+        try:
+            field_name = raw_name.rstrip(b"\0").decode("ascii")
+        except UnicodeDecodeError:
+            raise bad(f"field {i}: name is not ASCII") from None
+        fields.append(Field(field_name, dtype, shape))
+        offsets.append(off)
+    spans = sorted((o, o + f.nbytes) for o, f in zip(offsets, fields))
+    if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])):
+        raise bad("field arrays overlap")
+    geometry = Geometry(lanes, slots, batch_size, tuple(fields))
+    if geometry.field_offsets() != offsets or geometry.slot_size != slot_size:
+        raise bad("field offsets do not follow the layout rules")
+    return geometry

@@ -1,0 +1,136 @@
+"""The producer process: chunks in, batches written into its lane's slots.
+
+A producer is started by the daemon with ``spawn`` and talks to it over one pipe:
+
+* producer -> daemon: ``W`` (give me a chunk) or ``E<message>`` (I failed; the message says why);
+* daemon -> producer: a chunk, as ``CHUNK_HEADER`` (id, epoch, file index, byte offset, first line,
+  batches to skip) followed by the chunk's raw lines.
+
+It asks for a chunk only when it has finished the previous one, so the daemon always knows the
+one chunk a producer holds and can hand it to a replacement if the producer dies; ``skip`` then
+says how many of the chunk's batches were already published. Nothing else crosses the pipe:
+batches go straight from the task into the shared-memory slots. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ._layout import Ring, State
+from ._lanes import LaneWord, LaneWriter, Semaphores
+from ._recipe import parse_recipe
+from ._sources import Chunk, parse_records
+from ._tasks import PendingBatch, build_task
+
+CHUNK_HEADER = struct.Struct("<qqqqqq")
+WANT = b"W"
+ERROR = b"E"
+BAD_RECORDS_LOGGED = 5
+
+
+def encode_chunk(chunk: Chunk, skip: int) -> bytes:
+    return CHUNK_HEADER.pack(chunk.id, chunk.epoch, chunk.file_index, chunk.offset, chunk.line, skip) + chunk.payload
+
+
+def decode_chunk(message: bytes) -> tuple[Chunk, int]:
+    chunk_id, epoch, file_index, offset, line, skip = CHUNK_HEADER.unpack_from(message)
+    return Chunk(chunk_id, epoch, file_index, offset, line, message[CHUNK_HEADER.size:]), skip
+
+
+class Producer:
+    """One lane's writer: parses, tokenizes and shapes chunks, publishing every batch in order."""
+
+    def __init__(self, ring_name: str, lane: int, conn: Connection, recipe: dict[str, Any], files: list[str]):
+        self.lane, self.conn, self.files = lane, conn, files
+        self.recipe = parse_recipe(recipe)
+        self.ring = Ring.attach(ring_name)
+        self.sems = Semaphores(ring_name, self.ring.geometry.lanes)
+        self.writer = LaneWriter(self.ring, self.sems, lane)
+        self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed)
+        self.daemon_pid = os.getppid()
+        self.bad_logged = 0
+        self._stat(LaneWord.PID, os.getpid())
+
+    def _stat(self, word: int, value: int) -> None:
+        self.ring.words[self.ring.lane_word(self.lane, word)] = value
+
+    def _add(self, word: int, delta: int) -> None:
+        index = self.ring.lane_word(self.lane, word)
+        self.ring.words[index] += delta
+
+    def _keep_waiting(self) -> bool:
+        return os.getppid() == self.daemon_pid and self.ring.state in (State.STARTING, State.RUNNING)
+
+    def run(self) -> None:
+        while True:
+            self.conn.send_bytes(WANT)
+            try:
+                message = self.conn.recv_bytes()
+            except EOFError:
+                return  # the daemon closed the pipe: shutting down
+            chunk, skip = decode_chunk(message)
+            self.process(chunk, skip)
+
+    def process(self, chunk: Chunk, skip: int) -> None:
+        """Publish the chunk's batches from index ``skip`` on; the last one carries the chunk-end flag."""
+        path = self.files[chunk.file_index]
+        texts, bad = parse_records(chunk, self.recipe.source, path)
+        if bad:
+            self._report_bad(bad)
+        self._stat(LaneWord.CURRENT_CHUNK, chunk.id)
+        batches = self.task.batches(texts, chunk.id)
+        pending: PendingBatch | None = next(batches, None)
+        index, records_before = 0, 0
+        while pending is not None:
+            following = next(batches, None)  # look ahead: the chunk's last batch is flagged
+            if index >= skip:
+                self._publish(chunk, index, pending, last=following is None, records_before=records_before)
+            records_before = pending.records_done
+            pending, index = following, index + 1
+        if index == 0 and skip == 0:
+            # A chunk too small for one batch still ends: an empty, flagged slot tells the consumer.
+            seq = self.writer.claim(self._keep_waiting)
+            self.writer.publish(seq, chunk.id, 0, 0, True, chunk.cursor, len(texts), 0)
+        if index >= skip:
+            self._add(LaneWord.TOKENS_DROPPED, self.task.tokens_dropped)
+            self._add(LaneWord.EXAMPLES, len(texts) - records_before)
+            self._add(LaneWord.CHUNKS, 1)
+
+    def _publish(self, chunk: Chunk, index: int, batch: PendingBatch, last: bool, records_before: int) -> None:
+        seq = self.writer.claim(self._keep_waiting)
+        batch.write(self.writer.views[seq % self.writer.slots])
+        self.writer.publish(seq, chunk.id, index, batch.rows, last, chunk.cursor, batch.records_done, batch.tokens)
+        self._add(LaneWord.BATCHES, 1)
+        self._add(LaneWord.TOKENS, batch.tokens)
+        self._add(LaneWord.EXAMPLES, batch.records_done - records_before)
+
+    def _report_bad(self, bad: list) -> None:
+        self._add(LaneWord.BAD_RECORDS, len(bad))
+        if self.recipe.on_bad_record == "fail":
+            raise ValueError(f"bad record at {bad[0]} (set on_bad_record: skip in the recipe to skip such records)")
+        for record in bad[: max(0, BAD_RECORDS_LOGGED - self.bad_logged)]:
+            print(f"ringload producer {self.lane}: skipped bad record {record}", file=sys.stderr, flush=True)
+        self.bad_logged += len(bad)
+
+
+def producer_main(ring_name: str, lane: int, conn: Connection, recipe: dict[str, Any], files: list[str]) -> None:
+    """Entry point of a spawned producer process."""
+    try:
+        Producer(ring_name, lane, conn, recipe, files).run()
+    except InterruptedError:
+        return  # the ring is stopping or the daemon is gone
+    except BaseException as exc:  # report anything, even KeyboardInterrupt, before exiting non-zero
+        frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame else ""
+        message = f"producer {lane} (pid {os.getpid()}) failed: {type(exc).__name__}: {exc}{where}"
+        try:
+            conn.send_bytes(ERROR + message.encode())
+        except OSError:
+            pass
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -1,0 +1,181 @@
+"""Recipes: the YAML file that says what to stream, how to tokenize it and for which task.
+
+A recipe is data (read with ``yaml.safe_load``). Every key is checked: an unknown key, a wrong
+type or an impossible value is a :class:`RecipeError` that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ._errors import RecipeError
+
+FORMATS = ("text", "jsonl")
+DEFAULT_CHUNK_BYTES = 1 << 20
+ASSETS_ENV = "RINGLOAD_ASSETS"
+
+
+def assets_dir() -> Path:
+    """Where ``scripts/fetch_assets.py`` puts real files; ``{assets}`` in a recipe expands to it."""
+    return Path(os.environ.get(ASSETS_ENV) or Path.home() / ".cache" / "ringload" / "assets")
+
+
+@dataclass(frozen=True)
+class Source:
+    paths: tuple[str, ...]
+    format: str = "text"
+    field: str = "text"
+    storage_options: dict[str, Any] = dataclass_field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    source: Source
+    tokenizer: str
+    task: dict[str, Any]
+    batch_size: int = 32
+    producers: int = 2
+    slots: int | None = None  # per producer; None = enough for two chunks of batches
+    seed: int = 0
+    epochs: int | None = None  # None = repeat the sources forever
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    on_bad_record: str = "skip"
+    max_restarts: int = 3
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["source"]["paths"] = list(self.source.paths)
+        return data
+
+    def replace(self, **changes: Any) -> "Recipe":
+        data = self.to_dict()
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return parse_recipe(data)
+
+
+_TOP_KEYS = {f for f in Recipe.__dataclass_fields__}
+_SOURCE_KEYS = {f for f in Source.__dataclass_fields__}
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read and check a recipe file; relative paths in it are taken relative to the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+    return parse_recipe(data, base_dir=path.resolve().parent, origin=str(path))
+
+
+def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe") -> Recipe:
+    """Check a recipe given as a mapping (as ``load_recipe`` reads it) and resolve its paths."""
+    from ._tasks import check_task_options
+
+    def fail(key: str, why: str) -> RecipeError:
+        return RecipeError(f"{origin}: {key}: {why}")
+
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: a recipe is a mapping of keys, got {type(data).__name__}")
+    _reject_unknown(data, _TOP_KEYS, "", origin)
+    for required in ("name", "source", "tokenizer", "task"):
+        if required not in data:
+            raise fail(required, "missing (required keys: name, source, tokenizer, task)")
+
+    src = data["source"]
+    if not isinstance(src, dict):
+        raise fail("source", "must be a mapping with paths, format, field")
+    _reject_unknown(src, _SOURCE_KEYS, "source.", origin)
+    paths = src.get("paths")
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        raise fail("source.paths", "must be a non-empty list of file paths, globs or URLs")
+    fmt = src.get("format", "text")
+    if fmt not in FORMATS:
+        raise fail("source.format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
+    field_name = _typed(src, "field", str, "text", origin, "source.")
+    storage_options = src.get("storage_options") or {}
+    if not isinstance(storage_options, dict):
+        raise fail("source.storage_options", "must be a mapping")
+    source = Source(tuple(_resolve(p, base_dir) for p in paths), fmt, field_name, storage_options)
+
+    task = data["task"]
+    if not isinstance(task, dict) or "type" not in task:
+        raise fail("task", "must be a mapping with at least `type` (e.g. {type: mlm, seq_len: 128})")
+    task = check_task_options(dict(task), origin)
+
+    name = data["name"]
+    if not isinstance(name, str) or not name:
+        raise fail("name", "must be a non-empty string")
+    tokenizer = data["tokenizer"]
+    if not isinstance(tokenizer, str) or not tokenizer:
+        raise fail("tokenizer", "must be the path of a HuggingFace tokenizer.json")
+
+    recipe = Recipe(
+        name=name,
+        source=source,
+        tokenizer=_resolve(tokenizer, base_dir),
+        task=task,
+        batch_size=_typed(data, "batch_size", int, 32, origin),
+        producers=_typed(data, "producers", int, 2, origin),
+        slots=_typed(data, "slots", int, None, origin),
+        seed=_typed(data, "seed", int, 0, origin),
+        epochs=_typed(data, "epochs", int, None, origin),
+        chunk_bytes=_typed(data, "chunk_bytes", int, DEFAULT_CHUNK_BYTES, origin),
+        on_bad_record=_typed(data, "on_bad_record", str, "skip", origin),
+        max_restarts=_typed(data, "max_restarts", int, 3, origin),
+    )
+    checks = [
+        (recipe.batch_size >= 1, "batch_size", "must be at least 1"),
+        (1 <= recipe.producers <= 256, "producers", "must be 1..256"),
+        (recipe.slots is None or 2 <= recipe.slots <= 65536, "slots", "must be 2..65536 per producer"),
+        (recipe.seed >= 0, "seed", "must be a non-negative integer"),
+        (recipe.epochs is None or recipe.epochs >= 1, "epochs", "must be at least 1 (omit it to repeat forever)"),
+        (recipe.chunk_bytes >= 1024, "chunk_bytes", "must be at least 1024"),
+        (recipe.on_bad_record in ("skip", "fail"), "on_bad_record", "must be skip or fail"),
+        (recipe.max_restarts >= 0, "max_restarts", "must be >= 0"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise fail(key, f"{why}, got {getattr(recipe, key)!r}")
+    return recipe
+
+
+def _reject_unknown(data: dict[str, Any], known: set[str], prefix: str, origin: str) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RecipeError(
+            f"{origin}: unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(prefix + str(k) for k in unknown)} (known: {', '.join(sorted(prefix + k for k in known))})"
+        )
+
+
+def _typed(data: dict[str, Any], key: str, kind: type, default: Any, origin: str, prefix: str = "") -> Any:
+    value = data.get(key, default)
+    if value is None and default is None:
+        return None
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise RecipeError(f"{origin}: {prefix}{key}: must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _resolve(path: str, base_dir: Path | None) -> str:
+    """Expand ``{assets}`` and ``~``; make relative local paths relative to the recipe file."""
+    path = path.replace("{assets}", str(assets_dir()))
+    if "://" in path:
+        return path
+    expanded = Path(os.path.expanduser(path))
+    if not expanded.is_absolute() and base_dir is not None:
+        expanded = base_dir / expanded
+    return str(expanded)

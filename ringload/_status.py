@@ -1,0 +1,118 @@
+"""Reading a live ring for people and scripts: status snapshots and batch peeks."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ._errors import RingError
+from ._lanes import STAT_WORDS, LaneWord
+from ._layout import Ring, SlotWord, State, Word
+from ._names import list_ring_names, pid_alive
+
+
+def ring_status(name: str) -> dict[str, Any]:
+    """A JSON-able snapshot of a ring: state, position, fill, rates and every producer's counters."""
+    ring = Ring.attach(name)
+    try:
+        return _snapshot(ring)
+    finally:
+        ring.close()
+
+
+def _snapshot(ring: Ring) -> dict[str, Any]:
+    g, get = ring.geometry, ring.get
+    lanes = []
+    filled = 0
+    for p in range(g.lanes):
+        published, released = get(ring.lane_word(p, LaneWord.PUBLISHED)), get(ring.lane_word(p, LaneWord.RELEASED))
+        filled += published - released
+        pid = get(ring.lane_word(p, LaneWord.PID))
+        lanes.append({
+            "lane": p,
+            "pid": pid,
+            "alive": pid_alive(pid),
+            **{key: get(ring.lane_word(p, word)) for key, word in STAT_WORDS.items()},
+            "restarts": get(ring.lane_word(p, LaneWord.RESTARTS)),
+            "current_chunk": get(ring.lane_word(p, LaneWord.CURRENT_CHUNK)),
+            "slots_filled": published - released,
+        })
+    daemon_pid = get(Word.DAEMON_PID)
+    end = get(Word.END_CHUNK)
+    return {
+        "name": ring.name,
+        "state": ring.state.name.lower(),
+        "error": ring.error or None,
+        "daemon_pid": daemon_pid,
+        "daemon_alive": pid_alive(daemon_pid),
+        "heartbeat_age_s": round(time.time() - get(Word.HEARTBEAT_NS) / 1e9, 3),
+        "consumer_pid": get(Word.CONSUMER_PID) or None,
+        "position": {"chunk": get(Word.NEXT_CHUNK), "index": get(Word.NEXT_INDEX), "delivered": get(Word.DELIVERED)},
+        "end_chunk": end if end >= 0 else None,
+        "geometry": {
+            "lanes": g.lanes, "slots_per_lane": g.slots, "batch_size": g.batch_size, "bytes": ring.total_size,
+            "fields": [{"name": f.name, "dtype": np.dtype(f.dtype).name, "shape": list(f.shape)} for f in g.fields],
+        },
+        "fill": {"slots_filled": filled, "slots_total": g.lanes * g.slots, "fraction": round(filled / (g.lanes * g.slots), 4)},
+        "rates": {"batches_per_s": round(ring.get_float(Word.BATCHES_PER_S), 2),
+                  "tokens_per_s": round(ring.get_float(Word.TOKENS_PER_S), 1)},
+        "producers": lanes,
+    }
+
+
+def list_rings() -> list[dict[str, Any]]:
+    """Every ring in /dev/shm with its daemon pid and whether that daemon is alive."""
+    rings = []
+    for name in list_ring_names():
+        try:
+            ring = Ring.attach(name)
+        except RingError as exc:
+            rings.append({"name": name, "state": "unreadable", "daemon_pid": None, "alive": False, "detail": str(exc)})
+            continue
+        pid = ring.get(Word.DAEMON_PID)
+        rings.append({"name": name, "state": ring.state.name.lower(), "daemon_pid": pid, "alive": pid_alive(pid),
+                      "bytes": ring.total_size})
+        ring.close()
+    return rings
+
+
+def peek(name: str, k: int = 0, timeout: float = 10.0) -> dict[str, Any]:
+    """Copy the ``k``-th published batch after the consumer's position, without consuming it."""
+    ring = Ring.attach(name)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = _try_peek(ring, k)
+            if found is not None:
+                return found
+            if ring.state in (State.FAILED, State.STOPPING) or time.monotonic() > deadline:
+                raise RingError(f"ring {name!r} holds fewer than {k + 1} unread batches "
+                                f"(state {ring.state.name.lower()}); try a smaller --batch, or wait for the producers")
+            time.sleep(0.05)
+    finally:
+        ring.close()
+
+
+def _try_peek(ring: Ring, k: int) -> dict[str, Any] | None:
+    g, get = ring.geometry, ring.get
+    position = (get(Word.NEXT_CHUNK), get(Word.NEXT_INDEX))
+    candidates = []
+    for p in range(g.lanes):
+        published, released = get(ring.lane_word(p, LaneWord.PUBLISHED)), get(ring.lane_word(p, LaneWord.RELEASED))
+        for seq in range(released, published):
+            base = ring.slot_word(p, seq % g.slots, 0)
+            key = (get(base + SlotWord.CHUNK), get(base + SlotWord.INDEX))
+            if key >= position and get(base + SlotWord.ROWS) > 0:
+                candidates.append((key, p, seq))
+    candidates.sort()
+    if len(candidates) <= k:
+        return None
+    (chunk, index), lane, seq = candidates[k]
+    base = ring.slot_word(lane, seq % g.slots, 0)
+    arrays = {key: array.copy() for key, array in ring.slot_arrays(lane, seq % g.slots).items()}
+    # The copy is good only if the slot was not recycled while we read it.
+    if get(base + SlotWord.SEQ) != seq or get(ring.lane_word(lane, LaneWord.RELEASED)) > seq:
+        return None
+    return {"chunk": chunk, "index": index, "lane": lane, "seq": seq, "arrays": arrays, "recipe": ring.recipe()}

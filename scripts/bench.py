@@ -1,0 +1,504 @@
+"""Side-by-side throughput benchmark: ringload against the tokenizer bound and two baselines.
+
+Every contender runs the same job: the KJV verses (``kjv`` asset) repeated to
+``--mb`` MB of jsonl, the ``bert-wordpiece`` tokenizer (truncation and padding
+off), masked-LM batches of 32 x 128 (15% masking, 80/10/10) and ``P`` worker or
+producer processes:
+
+(a) ``tokenizer``: the bound. ``Tokenizer.encode_batch`` over 1000-line chunks of
+    pre-loaded texts in P spawned processes, no I/O, no packing; tokens/s in total.
+(b) ``ringload``: ``ringload.start`` (daemon) + ``ringload.connect``, end to end.
+(c) ``handmade``: a tuned ``IterableDataset`` under ``DataLoader(num_workers=P)``
+    (see ``_baselines.py``).
+(d) ``hf``: ``datasets`` streaming + ``group_texts`` + ``DataCollatorForLanguageModeling``
+    under ``DataLoader(num_workers=P)``, the corpus split into P files.
+
+For (b)-(d), each measurement runs in a fresh process that plays the training
+loop (the consumer) and reports:
+
+* tokens/s: ``attention_mask`` tokens delivered after the first batch, over
+  ``--seconds`` or until 80% of the corpus is consumed, whichever is first (the
+  rest is kept for the next step);
+* time to first batch, from just before the pipeline is started (worker and
+  daemon start-up included, library imports not);
+* consumer cost per batch: the time spent inside ``next()`` when data is
+  already waiting -- after each of 5 pauses of 1 s, a burst of 2P ``next()``
+  calls (2P is what a default DataLoader holds ready);
+* peak RSS (VmHWM) of the consumer and of every process below it.
+
+``TOKENIZERS_PARALLELISM`` defaults to false so that each process encodes on one
+thread and P is the parallelism of every contender. Loaders count the special
+tokens they deliver, the bound does not (a few per cent on KJV verses).
+
+Run from the repository root (assets are fetched on first use)::
+
+    python scripts/bench.py                          # P=2, 20 MB, 20 s per contender
+    python scripts/bench.py --producers 1,2,4 --skip hf --json bench.json
+
+With several P values, (a) and (b) run at each; (c) and (d) at the first only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from tokenizers import Tokenizer
+
+from fetch_assets import fetch
+
+if TYPE_CHECKING:
+    from _baselines import Batch, Opener
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONTENDERS = {
+    "tokenizer": "(a) tokenizer bound",
+    "ringload": "(b) ringload",
+    "handmade": "(c) hand-made DataLoader",
+    "hf": "(d) HF datasets streaming",
+}
+BATCH_SIZE = 32
+SEQ_LEN = 128
+MASK_PROB = 0.15
+SEED = 0
+ENCODE_CHUNK = 1000
+CORPUS_SHARE = 0.8  # of the corpus timed; the rest keeps data flowing for the next() bursts
+BURST_ROUNDS = 5
+SETTLE_S = 1.0
+START_TIMEOUT_S = 180.0  # on top of --seconds, for start-up, bursts and teardown
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    path: Path
+    shards: tuple[Path, ...]  # the same lines, round-robin over P files, for (d)
+    docs: int
+    nbytes: int
+    tokens: int  # without special tokens
+
+
+@dataclass(frozen=True)
+class Job:
+    contender: str
+    producers: int
+    corpus: Corpus
+    tokenizer: Path
+    seconds: float
+
+
+@dataclass
+class Result:
+    contender: str
+    producers: int
+    status: str  # ok | unavailable | error
+    error: str | None = None
+    tokens: int | None = None
+    seconds: float | None = None
+    tokens_per_s: float | None = None
+    first_batch_s: float | None = None
+    batch_shape: list[int] | None = None
+    next_us_mean: float | None = None
+    next_us_p50: float | None = None
+    next_samples: int | None = None
+    consumer_peak_mb: float | None = None
+    workers: list[Json] = field(default_factory=list)
+    vs_bound: float | None = None
+
+
+# --- processes and memory -------------------------------------------------
+
+def peak_rss_mb(pid: int) -> float | None:
+    """VmHWM of ``pid`` in MiB, None once it is gone (or a zombie)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid``, found through the parent ids in /proc."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # The command name may contain spaces or parentheses; fields follow the last ')'.
+            children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(entry.name))
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        kids = children.get(stack.pop(), [])
+        found += kids
+        stack += kids
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:100]
+
+
+def worker_memory() -> list[Json]:
+    return [{"pid": pid, "peak_mb": mb, "cmd": command_line(pid)}
+            for pid in descendants(os.getpid())
+            if (mb := peak_rss_mb(pid)) is not None]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and everything below it (used only on a runner that hung)."""
+    for victim in [*descendants(pid), pid]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# --- corpus ---------------------------------------------------------------
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    tokenizer = Tokenizer.from_file(str(path))
+    # The shipped tokenizer.json pads and truncates to 128; packing needs raw documents.
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def build_corpus(directory: Path, megabytes: float, tokenizer: Tokenizer,
+                 shard_count: int) -> Corpus:
+    """KJV verses repeated to ``megabytes`` MB of ``{"text": ...}`` lines, plus shards."""
+    kjv = fetch("kjv") / "kjv.jsonl"
+    with kjv.open(encoding="utf-8") as f:
+        verses = [json.loads(line)["text"] for line in f]
+    lengths = [len(e) for e in tokenizer.encode_batch(verses, add_special_tokens=False)]
+    lines = [json.dumps({"text": v}, ensure_ascii=False) + "\n" for v in verses]
+
+    path = directory / "corpus.jsonl"
+    shards = tuple(directory / f"shard-{k}-of-{shard_count}.jsonl" for k in range(shard_count))
+    target = int(megabytes * 1e6)
+    docs = size = tokens = 0
+    with ExitStack() as stack:
+        out = stack.enter_context(path.open("w", encoding="utf-8"))
+        shard_files = [stack.enter_context(p.open("w", encoding="utf-8")) for p in shards]
+        while size < target:
+            line, length = lines[docs % len(lines)], lengths[docs % len(lines)]
+            out.write(line)
+            if shard_files:
+                shard_files[docs % len(shard_files)].write(line)
+            size += len(line.encode())
+            tokens += length
+            docs += 1
+    return Corpus(path, shards, docs, size, tokens)
+
+
+# --- (a) tokenizer bound --------------------------------------------------
+
+def _encode_worker(rank: int, job: Job, barrier: Any, results: Any) -> None:
+    tokenizer = load_tokenizer(job.tokenizer)
+    with job.corpus.path.open(encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for i, line in enumerate(f)
+                 if i % job.producers == rank]
+    barrier.wait()  # time encoding only, not interpreter start-up or reading
+    start = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(texts), ENCODE_CHUNK):
+        encodings = tokenizer.encode_batch(texts[i:i + ENCODE_CHUNK], add_special_tokens=False)
+        tokens += sum(len(e) for e in encodings)
+        if time.perf_counter() - start >= job.seconds:
+            break
+    elapsed = time.perf_counter() - start
+    results.put((tokens, elapsed, {"pid": os.getpid(), "peak_mb": peak_rss_mb(os.getpid()),
+                                   "cmd": "encode_batch worker"}))
+
+
+def tokenizer_bound(job: Job) -> Result:
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(job.producers)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_encode_worker, args=(rank, job, barrier, results), daemon=True)
+             for rank in range(job.producers)]
+    for proc in procs:
+        proc.start()
+    try:
+        outcomes = [results.get(timeout=job.seconds + START_TIMEOUT_S) for _ in procs]
+    except queue.Empty:
+        return Result(job.contender, job.producers, "error", error="encode workers timed out")
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    tokens = sum(o[0] for o in outcomes)
+    elapsed = max(o[1] for o in outcomes)  # the P workers start together at the barrier
+    return Result(job.contender, job.producers, "ok", tokens=tokens, seconds=elapsed,
+                  tokens_per_s=tokens / elapsed, workers=[o[2] for o in outcomes])
+
+
+# --- (b)-(d): measured in a fresh consumer process -------------------------
+
+def _ringload_opener(job: Job) -> Opener:
+    # Let both this process and the daemon subprocess import ringload from this checkout.
+    sys.path.insert(0, str(REPO_ROOT))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    import ringload
+
+    recipe = {"name": "bench",
+              "source": {"paths": [str(job.corpus.path)], "format": "jsonl", "field": "text"},
+              "tokenizer": str(job.tokenizer),
+              "task": {"type": "mlm", "seq_len": SEQ_LEN, "mask_prob": MASK_PROB},
+              "batch_size": BATCH_SIZE, "producers": job.producers, "seed": SEED, "epochs": 1}
+    name = f"bench-{os.getpid()}"
+
+    @contextmanager
+    def open_stream() -> Iterator[Iterator[Batch]]:
+        with ringload.start(recipe, name=name), \
+                ringload.connect(name, timeout=60) as loader:
+            yield iter(loader)
+
+    return open_stream
+
+
+def _opener(job: Job) -> Opener:
+    if job.contender == "ringload":
+        return _ringload_opener(job)
+    import _baselines
+
+    task = dict(producers=job.producers, batch_size=BATCH_SIZE, seq_len=SEQ_LEN,
+                mask_prob=MASK_PROB, seed=SEED)
+    tokenizer = load_tokenizer(job.tokenizer)
+    if job.contender == "handmade":
+        return _baselines.handmade(job.corpus.path, tokenizer, **task)
+    return _baselines.hf_streaming(job.corpus.shards, tokenizer, **task)
+
+
+def _tokens(batch: Batch) -> int:
+    """Tokens in ``batch``; reading the mask is also how the consumer touches it."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def measure(open_stream: Opener, job: Job) -> Result:
+    result = Result(job.contender, job.producers, "ok")
+    token_cap = CORPUS_SHARE * job.corpus.tokens
+    started = time.perf_counter()
+    with open_stream() as stream:
+        first = next(stream)
+        t_first = time.perf_counter()
+        result.first_batch_s = t_first - started
+        result.batch_shape = list(first["input_ids"].shape)
+        _tokens(first)
+
+        tokens = 0
+        exhausted = False
+        while time.perf_counter() - t_first < job.seconds and tokens < token_cap:
+            batch = next(stream, None)
+            if batch is None:
+                exhausted = True
+                break
+            tokens += _tokens(batch)
+        result.seconds = time.perf_counter() - t_first
+        result.tokens = tokens
+        result.tokens_per_s = tokens / result.seconds
+
+        waits_ns: list[int] = []
+        for _ in range(0 if exhausted else BURST_ROUNDS):
+            time.sleep(SETTLE_S)  # let the producers fill whatever they buffer
+            for _ in range(2 * job.producers):
+                t = time.perf_counter_ns()
+                batch = next(stream, None)
+                waits_ns.append(time.perf_counter_ns() - t)
+                if batch is None:
+                    break
+                _tokens(batch)
+        if waits_ns:
+            result.next_us_mean = statistics.fmean(waits_ns) / 1e3
+            result.next_us_p50 = statistics.median(waits_ns) / 1e3
+            result.next_samples = len(waits_ns)
+        # Read before the context closes: the workers are gone afterwards.
+        result.consumer_peak_mb = peak_rss_mb(os.getpid())
+        result.workers = worker_memory()
+    return result
+
+
+def _run_job(job: Job, conn: Connection) -> None:
+    """Body of the consumer process: one contender, one measurement, result sent back."""
+    try:
+        open_stream = _opener(job)
+    except ImportError as exc:
+        conn.send(asdict(Result(job.contender, job.producers, "unavailable", error=str(exc))))
+        return
+    try:
+        result = measure(open_stream, job)
+    except Exception as exc:  # report any failure and let the other contenders run
+        result = Result(job.contender, job.producers, "error",
+                        error=f"{type(exc).__name__}: {exc}")
+    # A dict, not a Result: the class lives in __mp_main__ here but __main__ in the parent.
+    conn.send(asdict(result))
+
+
+def run_isolated(job: Job) -> Result:
+    """Run one measurement in a fresh spawned process so none inherits another's state."""
+    ctx = mp.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_run_job, args=(job, sender))
+    proc.start()
+    sender.close()
+    try:
+        if receiver.poll(job.seconds + START_TIMEOUT_S):
+            return Result(**receiver.recv())
+        return Result(job.contender, job.producers, "error",
+                      error=f"no result within {job.seconds + START_TIMEOUT_S:.0f} s")
+    except EOFError:
+        proc.join()
+        return Result(job.contender, job.producers, "error",
+                      error=f"consumer process died (exit code {proc.exitcode})")
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            kill_tree(proc.pid)
+            proc.join()
+
+
+# --- report ---------------------------------------------------------------
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_row(r: Result) -> None:
+    label = f"{CONTENDERS[r.contender]:<27}{r.producers:>3}"
+    if r.status != "ok":
+        print(f"{label}  {r.status}: {r.error}", flush=True)
+        return
+    peaks = [w["peak_mb"] for w in r.workers]
+    workers = f"{len(peaks)} x {max(peaks):.0f}" if peaks else "-"
+    print(f"{label}{_num(r.tokens_per_s, ',.0f'):>13}{_num(r.vs_bound, '.2f'):>8}"
+          f"{_num(r.first_batch_s, '.2f'):>10}"
+          f"{_num(r.next_us_mean, ',.0f'):>10}{_num(r.next_us_p50, ',.0f'):>9}"
+          f"{_num(r.consumer_peak_mb, ',.0f'):>10}{workers:>14}", flush=True)
+
+
+HEADER = (f"{'contender':<27}{'P':>3}{'tokens/s':>13}{'/bound':>8}{'1st s':>10}"
+          f"{'next us':>10}{'p50 us':>9}{'cons MB':>10}{'workers MB':>14}")
+
+
+def ringload_ratios(results: list[Result], producers: int) -> dict[str, float | None]:
+    """ringload's tokens/s divided by each other contender's, at ``producers``."""
+    rates = {r.contender: r.tokens_per_s for r in results
+             if r.producers == producers and r.status == "ok"}
+    mine = rates.get("ringload")
+    return {name: (mine / rate if mine and rate else None)
+            for name in CONTENDERS if name != "ringload"}
+
+
+# --- command line ---------------------------------------------------------
+
+def _int_list(values: list[str]) -> list[int]:
+    return [int(v) for item in values for v in item.split(",") if v]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Throughput of ringload vs. the tokenizer bound, a hand-made "
+                    "DataLoader pipeline and HF datasets streaming.")
+    parser.add_argument("--producers", "-p", action="append", metavar="P[,P...]",
+                        help="producer/worker processes; repeat or list for a scaling "
+                             "table of (a) and (b); (c) and (d) use the first (default 2)")
+    parser.add_argument("--mb", type=float, default=20.0, help="corpus size in MB (default 20)")
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help="time budget of each throughput measurement (default 20)")
+    parser.add_argument("--skip", action="append", default=[], metavar="NAME[,NAME...]",
+                        help=f"contenders to leave out: {', '.join(CONTENDERS)}")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write all numbers here")
+    args = parser.parse_args(argv)
+    args.producers = _int_list(args.producers or ["2"])
+    args.skip = {s for item in args.skip for s in item.split(",") if s}
+    if unknown := args.skip - set(CONTENDERS):
+        parser.error(f"unknown contender(s) {', '.join(sorted(unknown))}")
+    if min(args.producers) < 1:
+        parser.error("--producers must be at least 1")
+    return args
+
+
+def plan(producers: list[int], skip: set[str]) -> list[tuple[str, int]]:
+    runs = [(c, p) for p in producers for c in ("tokenizer", "ringload")]
+    runs += [(c, producers[0]) for c in ("handmade", "hf")]
+    return [(c, p) for c, p in runs if c not in skip]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    headline = args.producers[0]
+    tokenizer_path = fetch("bert-wordpiece") / "tokenizer.json"
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="ringload-bench-") as tmp:
+        corpus = build_corpus(Path(tmp), args.mb, load_tokenizer(tokenizer_path),
+                              0 if "hf" in args.skip else headline)
+        print(f"corpus: {corpus.nbytes / 1e6:.1f} MB, {corpus.docs:,} KJV verses, "
+              f"{corpus.tokens:,} tokens; batch {BATCH_SIZE}x{SEQ_LEN}, MLM {MASK_PROB:.0%}; "
+              f"{os.cpu_count()} CPUs; TOKENIZERS_PARALLELISM="
+              f"{os.environ['TOKENIZERS_PARALLELISM']}\n")
+        print(HEADER, flush=True)
+        bounds: dict[int, float] = {}
+        for contender, producers in plan(args.producers, args.skip):
+            job = Job(contender, producers, corpus, tokenizer_path, args.seconds)
+            result = tokenizer_bound(job) if contender == "tokenizer" else run_isolated(job)
+            if contender == "tokenizer" and result.tokens_per_s:
+                bounds[producers] = result.tokens_per_s
+            if result.tokens_per_s and producers in bounds:
+                result.vs_bound = result.tokens_per_s / bounds[producers]
+            results.append(result)
+            print_row(result)
+
+    ratios = {p: ringload_ratios(results, p) for p in args.producers}
+    print()
+    for producers, against in ratios.items():
+        shown = ", ".join(f"{CONTENDERS[c]} {v:.2f}x" for c, v in against.items() if v)
+        print(f"ringload / others at P={producers}: {shown or 'n/a'}")
+    if args.json:
+        report = {
+            "config": {"producers": args.producers, "mb": args.mb, "seconds": args.seconds,
+                       "batch_size": BATCH_SIZE, "seq_len": SEQ_LEN, "mask_prob": MASK_PROB,
+                       "corpus_share_timed": CORPUS_SHARE, "burst_rounds": BURST_ROUNDS,
+                       "settle_s": SETTLE_S, "skip": sorted(args.skip)},
+            "environment": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                            "platform": platform.platform(),
+                            "TOKENIZERS_PARALLELISM": os.environ["TOKENIZERS_PARALLELISM"]},
+            "corpus": {"bytes": corpus.nbytes, "docs": corpus.docs, "tokens": corpus.tokens},
+            "results": [asdict(r) for r in results],
+            "ringload_ratio": {str(p): v for p, v in ratios.items()},
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
