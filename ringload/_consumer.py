@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from typing import Any
 
 from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RingError
@@ -53,7 +54,7 @@ class Loader:
         self._taken_word = [ring.lane_word(p, LaneWord.TAKEN) for p in range(self._lanes)]
         self._released_word = [ring.lane_word(p, LaneWord.RELEASED) for p in range(self._lanes)]
         self._views: dict[tuple[int, int], dict[str, Any]] = {}
-        self._heads: dict[int, tuple[int, int, int]] = {}  # lane -> (seq, chunk, index) taken, not yet due
+        self._heads: dict[int, deque[tuple[int, int, int]]] = {}  # lane -> (seq, chunk, index) taken, not yet due
         self._in_hand: tuple[int, int] | None = None  # (lane, seq) of the batch last handed out
         self._last_lane = 0
         self._stager = None
@@ -75,6 +76,7 @@ class Loader:
             raise RingError(f"ring {self.name!r} already has a consumer (pid {holder}); a ring serves one consumer")
         w[Word.CONSUMER_PID] = os.getpid()
         self.next_chunk, self.next_index, self.delivered = w[Word.NEXT_CHUNK], w[Word.NEXT_INDEX], w[Word.DELIVERED]
+        self._search = (self.next_chunk, self.next_index)  # the next batch to look for
         self._taken = [w[i] for i in self._taken_word]
         self._released = [w[i] for i in self._released_word]
         for lane in range(self._lanes):
@@ -82,8 +84,8 @@ class Loader:
                 chunk, index = self._slot_word(lane, seq, SlotWord.CHUNK), self._slot_word(lane, seq, SlotWord.INDEX)
                 if (chunk, index) < (self.next_chunk, self.next_index):
                     self._release(lane, seq)  # the batch a dead consumer held
-                elif lane not in self._heads:
-                    self._heads[lane] = (seq, chunk, index)
+                else:
+                    self._heads.setdefault(lane, deque()).append((seq, chunk, index))
             # Tokens a consumer killed between two steps may have lost; a surplus is absorbed later.
             published = w[self._published[lane]]
             for _ in range(published - self._taken[lane] - self.sems.filled[lane].value):
@@ -112,51 +114,62 @@ class Loader:
             self._release(*self._in_hand)
             self._in_hand = None
         lane, seq = self._next_slot()
+        self._mark_delivered(lane, seq)
         self._in_hand = (lane, seq)
         return self._tensors(lane, seq)
 
     def _next_slot(self) -> tuple[int, int]:
-        """Wait for the due batch, advance the position past it and return its (lane, seq)."""
+        """Wait for the due batch, move the search past it and return its (lane, seq)."""
         deadline = None
         while True:
             found = self._find()
             if found is not None:
                 lane, seq = found
-                w = self._words
                 base = self.ring.slot_word(lane, seq % self._slots, 0)
-                rows, last = w[base + SlotWord.ROWS], w[base + SlotWord.FLAGS] & FLAG_LAST_IN_CHUNK
-                if last:
-                    self.next_chunk, self.next_index = self.next_chunk + 1, 0
+                if self._words[base + SlotWord.FLAGS] & FLAG_LAST_IN_CHUNK:
+                    self._search = (self._search[0] + 1, 0)
                 else:
-                    self.next_index += 1
-                w[Word.NEXT_CHUNK], w[Word.NEXT_INDEX] = self.next_chunk, self.next_index
-                if rows == 0:
+                    self._search = (self._search[0], self._search[1] + 1)
+                if self._words[base + SlotWord.ROWS] == 0:
+                    self._mark_delivered(lane, seq)
                     self._release(lane, seq)  # an empty chunk's end marker
                     continue
-                self.delivered += 1
-                w[Word.DELIVERED] = self.delivered
                 return lane, seq
             end = self._words[Word.END_CHUNK]
-            if 0 <= end <= self.next_chunk:
+            if 0 <= end <= self._search[0]:
                 raise StopIteration
             if deadline is None:
                 deadline = time.monotonic() + self.timeout
             self._check_health(deadline)
             acquire(self.sems.doorbell, POLL_S)
 
+    def _mark_delivered(self, lane: int, seq: int) -> None:
+        """Record in the ring that the consumer has been handed this batch (the resume point)."""
+        w = self._words
+        base = self.ring.slot_word(lane, seq % self._slots, 0)
+        chunk, index = w[base + SlotWord.CHUNK], w[base + SlotWord.INDEX]
+        if w[base + SlotWord.FLAGS] & FLAG_LAST_IN_CHUNK:
+            self.next_chunk, self.next_index = chunk + 1, 0
+        else:
+            self.next_chunk, self.next_index = chunk, index + 1
+        w[Word.NEXT_CHUNK], w[Word.NEXT_INDEX] = self.next_chunk, self.next_index
+        if w[base + SlotWord.ROWS]:
+            self.delivered += 1
+            w[Word.DELIVERED] = self.delivered
+
     def _find(self) -> tuple[int, int] | None:
         """Take lane heads until the due batch turns up; return its (lane, seq) or None."""
-        want_chunk, want_index = self.next_chunk, self.next_index
-        for lane, (seq, chunk, index) in self._heads.items():
-            if chunk == want_chunk:
-                del self._heads[lane]
-                self._check_index(lane, chunk, index)
+        want_chunk, want_index = self._search
+        for lane, heads in self._heads.items():
+            if heads and heads[0][1] == want_chunk:
+                seq, chunk, index = heads.popleft()
+                self._check_index(lane, chunk, index, want_index)
                 return lane, seq
         w = self._words
         lanes = self._lanes
         for step in range(lanes):
             lane = (self._last_lane + step) % lanes
-            if lane in self._heads:
+            if self._heads.get(lane):
                 continue
             while acquire(self.sems.filled[lane], 0):
                 seq = self._taken[lane]
@@ -170,20 +183,20 @@ class Loader:
                 w[self._taken_word[lane]] = seq + 1
                 chunk, index = w[base + SlotWord.CHUNK], w[base + SlotWord.INDEX]
                 if chunk == want_chunk:
-                    self._check_index(lane, chunk, index)
+                    self._check_index(lane, chunk, index, want_index)
                     self._last_lane = lane
                     return lane, seq
                 if chunk < want_chunk:
                     raise RingError(f"ring {self.name!r}: lane {lane} published chunk {chunk} after the consumer "
                                     f"had moved on to chunk {want_chunk}")
-                self._heads[lane] = (seq, chunk, index)
+                self._heads.setdefault(lane, deque()).append((seq, chunk, index))
                 break
         return None
 
-    def _check_index(self, lane: int, chunk: int, index: int) -> None:
-        if index != self.next_index:
+    def _check_index(self, lane: int, chunk: int, index: int, want_index: int) -> None:
+        if index != want_index:
             raise RingError(f"ring {self.name!r}: lane {lane} delivered batch {index} of chunk {chunk} "
-                            f"where batch {self.next_index} was due: a batch was lost")
+                            f"where batch {want_index} was due: a batch was lost")
 
     def _check_health(self, deadline: float) -> None:
         """Raise if waiting longer is pointless: ring failed or stopped, daemon gone, timeout."""
@@ -202,20 +215,25 @@ class Loader:
             raise DaemonGone(f"the daemon of ring {self.name!r} (pid {pid}) has not sent a heartbeat for {silent:.1f} s")
         if time.monotonic() > deadline:
             raise LoaderTimeout(
-                f"no batch from ring {self.name!r} within {self.timeout:.0f} s (waiting for chunk {self.next_chunk} "
-                f"batch {self.next_index}); the daemon is alive: see `ringload status {self.name}`, "
+                f"no batch from ring {self.name!r} within {self.timeout:.0f} s (waiting for chunk {self._search[0]} "
+                f"batch {self._search[1]}); the daemon is alive: see `ringload status {self.name}`, "
                 "or pass a larger timeout to connect()"
             )
 
-    def _tensors(self, lane: int, seq: int) -> dict[str, Any]:
+    def _tensors_cpu(self, lane: int, seq: int) -> dict[str, Any]:
+        """Torch views of the slot's arrays (built once per slot, then reused every lap)."""
         key = (lane, seq % self._slots)
         views = self._views.get(key)
         if views is None:
             views = {k: self._torch.from_numpy(v) for k, v in self.ring.slot_arrays(*key).items()}
             self._views[key] = views
+        return views
+
+    def _tensors(self, lane: int, seq: int) -> dict[str, Any]:
+        views = self._tensors_cpu(lane, seq)
         if not self.dtypes and self.device.type == "cpu":
             return dict(views)
-        return {k: v.to(self.device, self.dtypes.get(k, v.dtype), non_blocking=True) for k, v in views.items()}
+        return {k: v.to(self.device, self.dtypes.get(k, v.dtype)) for k, v in views.items()}
 
     # -- checkpoints and teardown ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -125,10 +125,11 @@ class Daemon:
         parent, child = self.context.Pipe()
         process = self.context.Process(
             target=producer_main, name=f"ringload-producer-{slot.lane}",
-            args=(self.name, slot.lane, child, self.recipe.to_dict(), self.files), daemon=True,
+            args=(self.name, slot.lane, child, self.recipe.to_dict(), self.files, os.getpid()), daemon=True,
         )
         process.start()
         child.close()
+        self.ring.set(self.ring.lane_word(slot.lane, LaneWord.PID), process.pid)
         slot.process, slot.conn, slot.idle, slot.chunk = process, parent, False, None
 
     def _teardown(self) -> None:
@@ -365,9 +366,9 @@ def launch(recipe_path: str, name: str, producers: int | None = None, log_path: 
             except RingError:
                 ring = None  # still being created
             if ring is not None:
-                state = ring.state
+                state, owner = ring.state, ring.get(Word.DAEMON_PID)
                 ring.close()
-                if state in (State.RUNNING, State.FINISHED):
+                if owner == process.pid and state in (State.RUNNING, State.FINISHED):
                     return process
         time.sleep(0.01)
     process.kill()

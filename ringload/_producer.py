@@ -14,7 +14,9 @@ batches go straight from the task into the shared-memory slots. This module neve
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import struct
 import sys
 import traceback
@@ -31,6 +33,7 @@ CHUNK_HEADER = struct.Struct("<qqqqqq")
 WANT = b"W"
 ERROR = b"E"
 BAD_RECORDS_LOGGED = 5
+PR_SET_PDEATHSIG = 1
 
 
 def encode_chunk(chunk: Chunk, skip: int) -> bytes:
@@ -54,7 +57,6 @@ class Producer:
         self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed)
         self.daemon_pid = os.getppid()
         self.bad_logged = 0
-        self._stat(LaneWord.PID, os.getpid())
 
     def _stat(self, word: int, value: int) -> None:
         self.ring.words[self.ring.lane_word(self.lane, word)] = value
@@ -118,8 +120,20 @@ class Producer:
         self.bad_logged += len(bad)
 
 
-def producer_main(ring_name: str, lane: int, conn: Connection, recipe: dict[str, Any], files: list[str]) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when the daemon dies, so no producer outlives its ring."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return  # not Linux: producers notice the dead daemon at their next wait instead
+    if os.getppid() != parent:
+        os._exit(1)  # the daemon died before the request took effect
+
+
+def producer_main(ring_name: str, lane: int, conn: Connection, recipe: dict[str, Any], files: list[str],
+                  daemon_pid: int) -> None:
     """Entry point of a spawned producer process."""
+    _die_with_parent(daemon_pid)
     try:
         Producer(ring_name, lane, conn, recipe, files).run()
     except InterruptedError:

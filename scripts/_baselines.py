@@ -18,10 +18,11 @@ is entered, so the benchmark can time it.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,10 +30,7 @@ from tokenizers import Encoding, Tokenizer
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 Batch = dict[str, torch.Tensor]
-Opener = Callable[[], ContextManager[Iterator[Batch]]]
-
-ENCODE_CHUNK = 1000  # lines per encode_batch call: amortises the Python-Rust crossing
-
+Opener = Callable[[], AbstractContextManager[Iterator[Batch]]]
 
 def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, mask_prob: float,
                 mask_id: int, vocab_size: int, special_ids: Sequence[int]) -> np.ndarray:
@@ -46,25 +44,33 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, mask_prob: float,
     return labels
 
 
+def _token_id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"tokenizer has no {token} token")
+    return token_id
+
+
 class PackedMLMDataset(IterableDataset):
     """Worker ``k`` of ``P`` takes lines ``i % P == k`` and yields ready, masked batches.
 
-    Lines are encoded ``ENCODE_CHUNK`` at a time, documents are joined by ``[SEP]``
+    Lines are encoded ``chunk_lines`` at a time, documents are joined by ``[SEP]``
     into one id stream, and the stream is cut into rows ``[CLS] <seq_len-2 ids> [SEP]``
     with numpy, so the consumer receives finished tensors and does no work.
     """
 
-    def __init__(self, path: Path, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
-                 mask_prob: float, seed: int) -> None:
+    def __init__(self, path: Path, tokenizer: Tokenizer, *, chunk_lines: int, batch_size: int,
+                 seq_len: int, mask_prob: float, seed: int) -> None:
         super().__init__()
         self.path = path
+        self.chunk_lines = chunk_lines
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.mask_prob = mask_prob
         self.seed = seed
         self.cls_id, self.sep_id, self.mask_id = (
-            tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[MASK]"))
+            _token_id(tokenizer, t) for t in ("[CLS]", "[SEP]", "[MASK]"))
         self.vocab_size = tokenizer.get_vocab_size()
 
     def __iter__(self) -> Iterator[Batch]:
@@ -89,7 +95,7 @@ class PackedMLMDataset(IterableDataset):
             for i, line in enumerate(f):
                 if i % workers == rank:
                     texts.append(json.loads(line)["text"])
-                    if len(texts) == ENCODE_CHUNK:
+                    if len(texts) == self.chunk_lines:
                         yield texts
                         texts = []
         if texts:
@@ -116,11 +122,11 @@ class PackedMLMDataset(IterableDataset):
                 "labels": torch.from_numpy(labels)}
 
 
-def handmade(path: Path, tokenizer: Tokenizer, *, producers: int, batch_size: int,
-             seq_len: int, mask_prob: float, seed: int) -> Opener:
+def handmade(path: Path, tokenizer: Tokenizer, *, chunk_lines: int, producers: int,
+             batch_size: int, seq_len: int, mask_prob: float, seed: int) -> Opener:
     """The hand-written ``IterableDataset`` under a ``DataLoader`` with ``producers`` workers."""
-    dataset = PackedMLMDataset(path, tokenizer, batch_size=batch_size, seq_len=seq_len,
-                               mask_prob=mask_prob, seed=seed)
+    dataset = PackedMLMDataset(path, tokenizer, chunk_lines=chunk_lines, batch_size=batch_size,
+                               seq_len=seq_len, mask_prob=mask_prob, seed=seed)
 
     @contextmanager
     def open_stream() -> Iterator[Iterator[Batch]]:

@@ -14,25 +14,30 @@ producer processes:
     under ``DataLoader(num_workers=P)``, the corpus split into P files.
 
 For (b)-(d), each measurement runs in a fresh process that plays the training
-loop (the consumer) and reports:
+loop (the consumer: it only reads each batch's ``attention_mask``) and reports:
 
-* tokens/s: ``attention_mask`` tokens delivered after the first batch, over
-  ``--seconds`` or until 80% of the corpus is consumed, whichever is first (the
-  rest is kept for the next step);
+* tokens/s (steady state): ``attention_mask`` tokens delivered per second, timed
+  from 1 s after the first batch (so that anything buffered during start-up has
+  drained) for ``--seconds``, or until 80% of the corpus has been delivered --
+  the rest keeps data flowing for the next step;
+* end-to-end tokens/s: every token delivered over the time since the pipeline
+  was started, start-up included;
 * time to first batch, from just before the pipeline is started (worker and
   daemon start-up included, library imports not);
 * consumer cost per batch: the time spent inside ``next()`` when data is
   already waiting -- after each of 5 pauses of 1 s, a burst of 2P ``next()``
   calls (2P is what a default DataLoader holds ready);
-* peak RSS (VmHWM) of the consumer and of every process below it.
+* peak RSS (VmHWM) of the consumer and of every process below it (workers;
+  for ringload its daemon, its producers and their resource tracker).
 
 ``TOKENIZERS_PARALLELISM`` defaults to false so that each process encodes on one
 thread and P is the parallelism of every contender. Loaders count the special
-tokens they deliver, the bound does not (a few per cent on KJV verses).
+tokens they deliver, the bound does not (about 5% more on KJV verses).
 
-Run from the repository root (assets are fetched on first use)::
+Run from the repository root (assets are fetched on first use; about 2.5 minutes
+on 2 cores with the defaults)::
 
-    python scripts/bench.py                          # P=2, 20 MB, 20 s per contender
+    python scripts/bench.py                          # P=2, 100 MB, 20 s per contender
     python scripts/bench.py --producers 1,2,4 --skip hf --json bench.json
 
 With several P values, (a) and (b) run at each; (c) and (d) at the first only.
@@ -41,6 +46,7 @@ With several P values, (a) and (b) run at each; (c) and (d) at the first only.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import multiprocessing as mp
 import os
@@ -52,15 +58,16 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
-from fetch_assets import fetch
+from fetch_assets import fetch  # sibling module in scripts/
 
 if TYPE_CHECKING:
     from _baselines import Batch, Opener
@@ -76,7 +83,8 @@ BATCH_SIZE = 32
 SEQ_LEN = 128
 MASK_PROB = 0.15
 SEED = 0
-ENCODE_CHUNK = 1000
+ENCODE_CHUNK = 1000  # lines per encode_batch call: amortises the Python-Rust crossing
+WARMUP_S = 1.0
 CORPUS_SHARE = 0.8  # of the corpus timed; the rest keeps data flowing for the next() bursts
 BURST_ROUNDS = 5
 SETTLE_S = 1.0
@@ -111,7 +119,8 @@ class Result:
     error: str | None = None
     tokens: int | None = None
     seconds: float | None = None
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # steady state, after the warm-up
+    end_to_end_tokens_per_s: float | None = None  # all delivered tokens / time since start
     first_batch_s: float | None = None
     batch_shape: list[int] | None = None
     next_us_mean: float | None = None
@@ -173,10 +182,8 @@ def worker_memory() -> list[Json]:
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and everything below it (used only on a runner that hung)."""
     for victim in [*descendants(pid), pid]:
-        try:
+        with suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 # --- corpus ---------------------------------------------------------------
@@ -268,6 +275,8 @@ def _ringload_opener(job: Job) -> Opener:
         p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     import ringload
 
+    if missing := [f for f in ("start", "connect") if not hasattr(ringload, f)]:
+        raise ImportError(f"ringload has no {' or '.join(missing)} yet")
     recipe = {"name": "bench",
               "source": {"paths": [str(job.corpus.path)], "format": "jsonl", "field": "text"},
               "tokenizer": str(job.tokenizer),
@@ -289,11 +298,11 @@ def _opener(job: Job) -> Opener:
         return _ringload_opener(job)
     import _baselines
 
-    task = dict(producers=job.producers, batch_size=BATCH_SIZE, seq_len=SEQ_LEN,
-                mask_prob=MASK_PROB, seed=SEED)
+    task: dict[str, Any] = dict(producers=job.producers, batch_size=BATCH_SIZE,
+                                seq_len=SEQ_LEN, mask_prob=MASK_PROB, seed=SEED)
     tokenizer = load_tokenizer(job.tokenizer)
     if job.contender == "handmade":
-        return _baselines.handmade(job.corpus.path, tokenizer, **task)
+        return _baselines.handmade(job.corpus.path, tokenizer, chunk_lines=ENCODE_CHUNK, **task)
     return _baselines.hf_streaming(job.corpus.shards, tokenizer, **task)
 
 
@@ -303,51 +312,80 @@ def _tokens(batch: Batch) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
+def _steady_state(stream: Iterator[Batch], job: Job, started: float, delivered: int,
+                  result: Result) -> bool:
+    """Consume for the throughput numbers, filling them into ``result``; True if the stream ended.
+
+    The first WARMUP_S after the first batch are not timed, so that whatever the pipeline
+    buffered during start-up has drained; then tokens are counted for ``job.seconds`` or
+    until CORPUS_SHARE of the corpus has been delivered.
+    """
+    token_cap = CORPUS_SHARE * job.corpus.tokens
+    t_first = now = time.perf_counter()
+    window_start: float | None = None
+    window_tokens = 0
+    ended = False
+    while now - t_first < WARMUP_S + job.seconds and delivered < token_cap:
+        batch = next(stream, None)
+        now = time.perf_counter()
+        if batch is None:
+            ended = True
+            break
+        tokens = _tokens(batch)
+        delivered += tokens
+        if window_start is not None:
+            window_tokens += tokens
+        elif now - t_first >= WARMUP_S:
+            window_start = now
+    result.end_to_end_tokens_per_s = delivered / (now - started)
+    if window_start is None or now <= window_start:
+        result.status, result.error = "error", "corpus used up during the warm-up; raise --mb"
+    else:
+        result.tokens, result.seconds = window_tokens, now - window_start
+        result.tokens_per_s = window_tokens / result.seconds
+    return ended
+
+
+def _ready_next_costs(stream: Iterator[Batch], producers: int) -> list[int]:
+    """Nanoseconds spent in each ``next()`` that finds its batch already waiting."""
+    costs: list[int] = []
+    for _ in range(BURST_ROUNDS):
+        time.sleep(SETTLE_S)  # let the producers fill whatever they buffer
+        for _ in range(2 * producers):
+            t = time.perf_counter_ns()
+            batch = next(stream, None)
+            elapsed = time.perf_counter_ns() - t
+            if batch is None:
+                return costs
+            costs.append(elapsed)
+            _tokens(batch)
+    return costs
+
+
 def measure(open_stream: Opener, job: Job) -> Result:
     result = Result(job.contender, job.producers, "ok")
-    token_cap = CORPUS_SHARE * job.corpus.tokens
     started = time.perf_counter()
     with open_stream() as stream:
         first = next(stream)
-        t_first = time.perf_counter()
-        result.first_batch_s = t_first - started
+        result.first_batch_s = time.perf_counter() - started
         result.batch_shape = list(first["input_ids"].shape)
-        _tokens(first)
-
-        tokens = 0
-        exhausted = False
-        while time.perf_counter() - t_first < job.seconds and tokens < token_cap:
-            batch = next(stream, None)
-            if batch is None:
-                exhausted = True
-                break
-            tokens += _tokens(batch)
-        result.seconds = time.perf_counter() - t_first
-        result.tokens = tokens
-        result.tokens_per_s = tokens / result.seconds
-
-        waits_ns: list[int] = []
-        for _ in range(0 if exhausted else BURST_ROUNDS):
-            time.sleep(SETTLE_S)  # let the producers fill whatever they buffer
-            for _ in range(2 * job.producers):
-                t = time.perf_counter_ns()
-                batch = next(stream, None)
-                waits_ns.append(time.perf_counter_ns() - t)
-                if batch is None:
-                    break
-                _tokens(batch)
-        if waits_ns:
-            result.next_us_mean = statistics.fmean(waits_ns) / 1e3
-            result.next_us_p50 = statistics.median(waits_ns) / 1e3
-            result.next_samples = len(waits_ns)
+        ended = _steady_state(stream, job, started, _tokens(first), result)
+        costs = [] if ended else _ready_next_costs(stream, job.producers)
         # Read before the context closes: the workers are gone afterwards.
         result.consumer_peak_mb = peak_rss_mb(os.getpid())
         result.workers = worker_memory()
+    if costs:
+        result.next_us_mean = statistics.fmean(costs) / 1e3
+        result.next_us_p50 = statistics.median(costs) / 1e3
+        result.next_samples = len(costs)
     return result
 
 
-def _run_job(job: Job, conn: Connection) -> None:
+def _run_job(job: Job, start_method: str, conn: Connection) -> None:
     """Body of the consumer process: one contender, one measurement, result sent back."""
+    # A spawned process defaults to spawn; give DataLoader the start method that a
+    # training script launched from the shell gets on this platform.
+    mp.set_start_method(start_method, force=True)
     try:
         open_stream = _opener(job)
     except ImportError as exc:
@@ -366,7 +404,7 @@ def run_isolated(job: Job) -> Result:
     """Run one measurement in a fresh spawned process so none inherits another's state."""
     ctx = mp.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_run_job, args=(job, sender))
+    proc = ctx.Process(target=_run_job, args=(job, mp.get_start_method(), sender))
     proc.start()
     sender.close()
     try:
@@ -380,7 +418,7 @@ def run_isolated(job: Job) -> Result:
                       error=f"consumer process died (exit code {proc.exitcode})")
     finally:
         proc.join(timeout=30)
-        if proc.is_alive():
+        if proc.is_alive() and proc.pid:
             kill_tree(proc.pid)
             proc.join()
 
@@ -393,28 +431,39 @@ def _num(value: float | None, spec: str) -> str:
 
 def print_row(r: Result) -> None:
     label = f"{CONTENDERS[r.contender]:<27}{r.producers:>3}"
-    if r.status != "ok":
+    if r.status != "ok" and r.first_batch_s is None:
         print(f"{label}  {r.status}: {r.error}", flush=True)
         return
     peaks = [w["peak_mb"] for w in r.workers]
     workers = f"{len(peaks)} x {max(peaks):.0f}" if peaks else "-"
     print(f"{label}{_num(r.tokens_per_s, ',.0f'):>13}{_num(r.vs_bound, '.2f'):>8}"
-          f"{_num(r.first_batch_s, '.2f'):>10}"
+          f"{_num(r.end_to_end_tokens_per_s, ',.0f'):>13}{_num(r.first_batch_s, '.2f'):>8}"
           f"{_num(r.next_us_mean, ',.0f'):>10}{_num(r.next_us_p50, ',.0f'):>9}"
-          f"{_num(r.consumer_peak_mb, ',.0f'):>10}{workers:>14}", flush=True)
+          f"{_num(r.consumer_peak_mb, ',.0f'):>10}{workers:>14}"
+          f"{'  ' + r.error if r.error else ''}", flush=True)
 
 
-HEADER = (f"{'contender':<27}{'P':>3}{'tokens/s':>13}{'/bound':>8}{'1st s':>10}"
-          f"{'next us':>10}{'p50 us':>9}{'cons MB':>10}{'workers MB':>14}")
+HEADER = (f"{'contender':<27}{'P':>3}{'tokens/s':>13}{'/bound':>8}{'e2e tok/s':>13}{'1st s':>8}"
+          f"{'next us':>10}{'p50 us':>9}{'cons MB':>10}{'procs x MB':>14}")
 
 
 def ringload_ratios(results: list[Result], producers: int) -> dict[str, float | None]:
     """ringload's tokens/s divided by each other contender's, at ``producers``."""
-    rates = {r.contender: r.tokens_per_s for r in results
-             if r.producers == producers and r.status == "ok"}
+    rates = {r.contender: rate for r in results
+             if r.producers == producers and (rate := r.tokens_per_s)}
     mine = rates.get("ringload")
-    return {name: (mine / rate if mine and rate else None)
+    return {name: mine / rates[name] if mine and rates.get(name) else None
             for name in CONTENDERS if name != "ringload"}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in ("ringload", "torch", "tokenizers", "numpy", "datasets", "transformers"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 # --- command line ---------------------------------------------------------
@@ -430,14 +479,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--producers", "-p", action="append", metavar="P[,P...]",
                         help="producer/worker processes; repeat or list for a scaling "
                              "table of (a) and (b); (c) and (d) use the first (default 2)")
-    parser.add_argument("--mb", type=float, default=20.0, help="corpus size in MB (default 20)")
+    parser.add_argument("--mb", type=float, default=100.0,
+                        help="corpus size in MB (default 100: on 2 cores, 20 MB lasts a fast "
+                             "pipeline only ~3 s)")
     parser.add_argument("--seconds", type=float, default=20.0,
                         help="time budget of each throughput measurement (default 20)")
     parser.add_argument("--skip", action="append", default=[], metavar="NAME[,NAME...]",
                         help=f"contenders to leave out: {', '.join(CONTENDERS)}")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write all numbers here")
     args = parser.parse_args(argv)
-    args.producers = _int_list(args.producers or ["2"])
+    args.producers = list(dict.fromkeys(_int_list(args.producers or ["2"])))
     args.skip = {s for item in args.skip for s in item.split(",") if s}
     if unknown := args.skip - set(CONTENDERS):
         parser.error(f"unknown contender(s) {', '.join(sorted(unknown))}")
@@ -486,11 +537,13 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "config": {"producers": args.producers, "mb": args.mb, "seconds": args.seconds,
                        "batch_size": BATCH_SIZE, "seq_len": SEQ_LEN, "mask_prob": MASK_PROB,
-                       "corpus_share_timed": CORPUS_SHARE, "burst_rounds": BURST_ROUNDS,
+                       "warmup_s": WARMUP_S, "corpus_share_timed": CORPUS_SHARE,
+                       "burst_rounds": BURST_ROUNDS,
                        "settle_s": SETTLE_S, "skip": sorted(args.skip)},
             "environment": {"cpus": os.cpu_count(), "python": platform.python_version(),
                             "platform": platform.platform(),
-                            "TOKENIZERS_PARALLELISM": os.environ["TOKENIZERS_PARALLELISM"]},
+                            "TOKENIZERS_PARALLELISM": os.environ["TOKENIZERS_PARALLELISM"],
+                            "packages": package_versions()},
             "corpus": {"bytes": corpus.nbytes, "docs": corpus.docs, "tokens": corpus.tokens},
             "results": [asdict(r) for r in results],
             "ringload_ratio": {str(p): v for p, v in ratios.items()},

@@ -33,10 +33,11 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Iterator
+from typing import IO
 
 
 @dataclass(frozen=True)
@@ -196,11 +197,11 @@ def _open_member(archive: Path, member: str) -> Iterator[IO[bytes]]:
         return
     with tarfile.open(archive) as tf:
         info = next((i for i in tf if i.isfile() and _without_top(i.name) == member), None)
-        f = tf.extractfile(info) if info is not None else None
-        if f is None:
+        payload = tf.extractfile(info) if info is not None else None
+        if payload is None:
             raise missing
-        with f:
-            yield f
+        with payload:
+            yield payload
 
 
 def _without_top(name: str) -> str:

@@ -1,0 +1,125 @@
+"""CUDA staging: batches copied from page-locked ring memory to the GPU on a side stream.
+
+The consumer registers the ring's slot region with ``cudaHostRegister``, so each field of a
+slot is pinned host memory that the GPU's copy engine reads directly. ``prefetch`` batches
+ahead, a dedicated copy stream issues ``non_blocking`` host-to-device copies (and the casts to
+the dtypes the model wants, on the device) and records an event per batch. Handing a batch out
+makes the caller's current stream wait on that event, and ``record_stream`` tells PyTorch's
+allocator that the caller's stream uses the tensors. A slot goes back to its producer only once
+the event says its copy has finished, so a producer never overwrites memory a copy still reads.
+
+If registration fails (e.g. a locked-memory limit), batches go through a pinned staging buffer
+instead: one extra host memcpy per batch, announced once with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ._consumer import Loader
+
+CUDA_HOST_REGISTER_PORTABLE = 1
+
+
+class CudaStager:
+    """Keeps ``prefetch`` batches in flight to the GPU for a :class:`Loader`."""
+
+    def __init__(self, loader: "Loader", prefetch: int):
+        import torch
+
+        self.torch = torch
+        self.loader = loader
+        self.device = loader.device
+        self.prefetch = max(1, prefetch)
+        self.stream = torch.cuda.Stream(self.device)
+        self.in_flight: deque[tuple[int, int, dict[str, Any], Any]] = deque()  # staged, not handed out
+        self.handed_out: deque[tuple[int, int, Any]] = deque()  # handed out, slot not yet released
+        self.exhausted = False
+        ring = loader.ring
+        start = ring.slots_offset
+        length = ring.geometry.lanes * ring.geometry.slots * ring.slot_size
+        self._region = np.frombuffer(ring._mem, dtype=np.uint8, count=length, offset=start)
+        self._pointer = self._region.ctypes.data
+        code = torch.cuda.cudart().cudaHostRegister(self._pointer, length, CUDA_HOST_REGISTER_PORTABLE)
+        self.registered = int(code) == 0
+        self.staging: list[dict[str, Any]] = []
+        if not self.registered:
+            warnings.warn(
+                f"ringload: cudaHostRegister of ring {loader.name!r} ({length / 2**20:.1f} MiB) failed with CUDA error "
+                f"{int(code)}; staging through a pinned buffer instead (one extra host copy per batch). Raise the "
+                "locked-memory limit (ulimit -l) to avoid it.", RuntimeWarning, stacklevel=3)
+            fields = ring.geometry.fields
+            self.staging = [
+                {f.name: torch.empty(f.shape, dtype=_torch_dtype(torch, f.dtype)).pin_memory() for f in fields}
+                for _ in range(self.prefetch + 1)
+            ]
+            self._staging_turn = 0
+
+    def _stage_one(self) -> bool:
+        """Start the copy of the next batch; False at the end of the stream."""
+        torch = self.torch
+        try:
+            lane, seq = self.loader._next_slot()
+        except StopIteration:
+            self.exhausted = True
+            return False
+        host = self.loader._tensors_cpu(lane, seq)
+        if not self.registered:
+            buffer = self.staging[self._staging_turn]
+            self._staging_turn = (self._staging_turn + 1) % len(self.staging)
+            for name, tensor in host.items():
+                buffer[name].copy_(tensor)
+            host = buffer
+        with torch.cuda.stream(self.stream):
+            device_batch = {
+                name: tensor.to(self.device, non_blocking=True).to(self.loader.dtypes.get(name, tensor.dtype))
+                for name, tensor in host.items()
+            }
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        if not self.registered:
+            event.synchronize()  # the staging buffer is reused prefetch + 1 batches from now
+        self.in_flight.append((lane, seq, device_batch, event))
+        return True
+
+    def _release_finished(self) -> None:
+        while self.handed_out and self.handed_out[0][2].query():
+            lane, seq, _ = self.handed_out.popleft()
+            self.loader._release(lane, seq)
+
+    def next(self) -> dict[str, Any]:
+        self._release_finished()
+        while not self.exhausted and len(self.in_flight) < self.prefetch:
+            if not self._stage_one():
+                break
+        if not self.in_flight:
+            raise StopIteration
+        lane, seq, batch, event = self.in_flight.popleft()
+        current = self.torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for tensor in batch.values():
+            tensor.record_stream(current)
+        self.loader._mark_delivered(lane, seq)
+        self.handed_out.append((lane, seq, event))
+        return batch
+
+    def close(self) -> None:
+        """Finish every copy, give back every slot, unregister the ring memory."""
+        self.stream.synchronize()
+        while self.handed_out:
+            lane, seq, _ = self.handed_out.popleft()
+            self.loader._release(lane, seq)
+        # Staged but never handed out: the next consumer finds them as lane heads and delivers them.
+        self.in_flight.clear()
+        if self.registered:
+            self.torch.cuda.cudart().cudaHostUnregister(self._pointer)
+        self._region = None
+
+
+def _torch_dtype(torch: Any, dtype: np.dtype) -> Any:
+    return torch.from_numpy(np.zeros(1, dtype=dtype)).dtype
