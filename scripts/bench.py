@@ -243,6 +243,21 @@ def _encode_worker(rank: int, job: Job, barrier: Any, results: Any) -> None:
                                    "cmd": "encode_batch worker"}))
 
 
+def _collect(results: Any, procs: list[Any], timeout: float) -> list[Any]:
+    """One result per process; fails fast if one exits without reporting."""
+    outcomes: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(outcomes) < len(procs):
+        try:
+            outcomes.append(results.get(timeout=1.0))
+        except queue.Empty:
+            if failed := [p.exitcode for p in procs if p.exitcode not in (None, 0)]:
+                raise RuntimeError(f"encode worker exited with code {failed[0]}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"encode workers gave no result within {timeout:.0f} s") from None
+    return outcomes
+
+
 def tokenizer_bound(job: Job) -> Result:
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(job.producers)
@@ -252,13 +267,13 @@ def tokenizer_bound(job: Job) -> Result:
     for proc in procs:
         proc.start()
     try:
-        outcomes = [results.get(timeout=job.seconds + START_TIMEOUT_S) for _ in procs]
-    except queue.Empty:
-        return Result(job.contender, job.producers, "error", error="encode workers timed out")
+        outcomes = _collect(results, procs, job.seconds + START_TIMEOUT_S)
+    except RuntimeError as exc:
+        return Result(job.contender, job.producers, "error", error=str(exc))
     finally:
         for proc in procs:
             proc.join(timeout=10)
-            if proc.is_alive():
+            if proc.is_alive():  # a sibling died and left it waiting at the barrier
                 proc.kill()
     tokens = sum(o[0] for o in outcomes)
     elapsed = max(o[1] for o in outcomes)  # the P workers start together at the barrier

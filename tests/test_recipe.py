@@ -1,0 +1,84 @@
+"""Recipes: every mistake is an error that names the key; paths resolve relative to the recipe."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ringload import RecipeError, load_recipe, parse_recipe
+
+BASE = {
+    "name": "r",
+    "source": {"paths": ["data.jsonl"], "format": "jsonl", "field": "text"},
+    "tokenizer": "tok.json",
+    "task": {"type": "mlm", "seq_len": 128},
+}
+
+
+def with_changes(**changes):
+    recipe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
+    for key, value in changes.items():
+        if value is None:
+            recipe.pop(key)
+        else:
+            recipe[key] = value
+    return recipe
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"sorce": {}}, "unknown key sorce"),
+        ({"source": {"paths": ["x"], "fromat": "text"}}, "unknown key source.fromat"),
+        ({"task": {"type": "mlm", "seq_len": 128, "mask_rate": 0.2}}, "unknown task option task.mask_rate"),
+        ({"task": {"type": "mlm", "seq_len": "128"}}, "task.seq_len: must be int"),
+        ({"task": {"type": "mlm", "seq_len": 4}}, "task.seq_len: must be 8..65536"),
+        ({"task": {"type": "mlm", "mask_prob": 1.5}}, "task.mask_prob: must be within 0..1"),
+        ({"task": {"type": "nope"}}, "task.type: unknown task 'nope'"),
+        ({"batch_size": 0}, "batch_size: must be at least 1"),
+        ({"batch_size": True}, "batch_size: must be int"),
+        ({"producers": 0}, "producers: must be 1..256"),
+        ({"slots": 1}, "slots: must be 2..65536"),
+        ({"epochs": 0}, "epochs: must be at least 1"),
+        ({"source": {"paths": [], "format": "text"}}, "source.paths: must be a non-empty list"),
+        ({"source": {"paths": ["x"], "format": "xml"}}, "source.format: 'xml' is not one of"),
+        ({"tokenizer": None}, "tokenizer: missing"),
+        ({"on_bad_record": "ignore"}, "on_bad_record: must be skip or fail"),
+    ],
+)
+def test_mistakes_name_the_key(changes, message):
+    """Each malformed recipe raises RecipeError whose message names the offending key."""
+    with pytest.raises(RecipeError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        parse_recipe(with_changes(**changes))
+
+
+def test_paths_resolve_relative_to_the_recipe_file(tmp_path, monkeypatch):
+    """Relative paths are taken from the recipe's folder, {assets} from RINGLOAD_ASSETS, URLs stay as they are."""
+    monkeypatch.setenv("RINGLOAD_ASSETS", "/cache/assets")
+    data = with_changes(tokenizer="{assets}/bert/tokenizer.json",
+                        source={"paths": ["data.jsonl", "https://host/x.jsonl"], "format": "jsonl"})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert recipe.source.paths == (str(tmp_path / "data.jsonl"), "https://host/x.jsonl")
+    assert recipe.tokenizer == "/cache/assets/bert/tokenizer.json"
+    assert recipe.task == {"type": "mlm", "seq_len": 128, "mask_prob": 0.15, "mask_token_prob": 0.8,
+                           "random_token_prob": 0.1, "pack": True, "special_tokens": {}}
+
+
+def test_recipe_is_data_not_code(tmp_path):
+    """YAML tags that would build Python objects are rejected (safe_load)."""
+    (tmp_path / "r.yaml").write_text("name: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_cli_reports_a_bad_recipe_in_one_line(tmp_path):
+    """`ringload start` on a bad recipe exits non-zero with the key in a one-line message, no traceback."""
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(with_changes(batch_sise=3)))
+    result = subprocess.run([sys.executable, "-m", "ringload", "start", str(tmp_path / "r.yaml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unknown key batch_sise" in result.stderr and "Traceback" not in result.stderr
