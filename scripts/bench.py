@@ -186,6 +186,18 @@ def kill_tree(pid: int) -> None:
             os.kill(victim, signal.SIGKILL)
 
 
+def cpu_busy(interval: float = 1.0) -> float:
+    """Fraction of all CPUs busy over ``interval`` (from /proc/stat): other work skews results."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(interval)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
 # --- corpus ---------------------------------------------------------------
 
 def load_tokenizer(path: Path) -> Tokenizer:
@@ -522,6 +534,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     headline = args.producers[0]
+    busy = cpu_busy()
+    if busy > 0.1:
+        print(f"warning: the CPUs are {busy:.0%} busy before the run; other work will lower "
+              f"and scatter the numbers", file=sys.stderr)
     tokenizer_path = fetch("bert-wordpiece") / "tokenizer.json"
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="ringload-bench-") as tmp:
@@ -557,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                        "settle_s": SETTLE_S, "skip": sorted(args.skip)},
             "environment": {"cpus": os.cpu_count(), "python": platform.python_version(),
                             "platform": platform.platform(),
+                            "cpu_busy_before": busy,
                             "TOKENIZERS_PARALLELISM": os.environ["TOKENIZERS_PARALLELISM"],
                             "packages": package_versions()},
             "corpus": {"bytes": corpus.nbytes, "docs": corpus.docs, "tokens": corpus.tokens},

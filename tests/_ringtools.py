@@ -161,13 +161,28 @@ class LaneReader:
         self.check()
 
 
-def fill_and_publish(writer: LaneWriter, seq: int) -> None:
-    """Write batch ``seq`` into its slot and publish it with its checksum (chunk = lane, index = seq)."""
+def fill(writer: LaneWriter, seq: int) -> int:
+    """Write batch ``seq`` into its slot; return its checksum."""
     views = writer.views[seq % writer.slots]
     arr = payload(writer.lane, seq)
     views["x"][...] = arr
     views["tag"][...] = seq
-    writer.publish(seq, writer.lane, seq, ROWS, False, (0, 0, 0, 0), seq, ROWS * COLS, checksum=checksum(seq, arr))
+    return checksum(seq, arr)
+
+
+def publish(writer: LaneWriter, seq: int, crc: int) -> None:
+    """Publish batch ``seq`` (chunk = lane, index = seq) with its checksum in the slot header."""
+    writer.publish(seq, writer.lane, seq, ROWS, False, (0, 0, 0, 0), seq, ROWS * COLS, checksum=crc)
+
+
+def fill_and_publish(writer: LaneWriter, seq: int) -> None:
+    publish(writer, seq, fill(writer, seq))
+
+
+def spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 class _DyingSemaphore:
@@ -198,7 +213,8 @@ class InvariantBroken(AssertionError):
     pass
 
 
-def produce(name: str, lane: int, total: int, die_at: int = -1, die_phase: str = "", timeout: float = 60.0) -> None:
+def produce(name: str, lane: int, total: int, die_at: int = -1, die_phase: str = "", work_s: float = 0.0,
+            timeout: float = 60.0) -> None:
     """Producer process body: publish batches ``published .. total-1`` of ``lane`` through the real LaneWriter.
 
     It continues from the lane's ``published`` counter (so a replacement picks up where a dead
@@ -206,7 +222,8 @@ def produce(name: str, lane: int, total: int, die_at: int = -1, die_phase: str =
     with a traceback if it breaks). With ``die_at``/``die_phase`` it SIGKILLs itself at batch
     ``die_at``: ``holding_free`` (right after taking a ``free`` token), ``before_filled_post``
     (after ``published += 1``, before posting ``filled``) or ``after_filled_post`` (after posting
-    ``filled``, before ``posted`` is written).
+    ``filled``, before ``posted`` is written). ``work_s`` seconds of busy work between writing a
+    slot and publishing it stand for tokenization, so the producer holds a free token most of the time.
     """
     ring = Ring.attach(name)
     sems = Semaphores(name, ring.geometry.lanes)
@@ -232,7 +249,10 @@ def produce(name: str, lane: int, total: int, die_at: int = -1, die_phase: str =
         check(f"after claiming {seq}")
         filled.kill_before_release = seq == die_at and die_phase == "before_filled_post"
         filled.kill_after_release = seq == die_at and die_phase == "after_filled_post"
-        fill_and_publish(writer, seq)
+        crc = fill(writer, seq)
+        if work_s:
+            spin(work_s)
+        publish(writer, seq, crc)
         check(f"after publishing {seq}")
     sems.close()
 
