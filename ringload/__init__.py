@@ -12,14 +12,17 @@ from ._handle import RingHandle, start
 from ._layout import Field
 from ._recipe import Recipe, load_recipe, parse_recipe
 from ._status import list_rings, ring_status
-from ._tasks import MaskedLM, PendingBatch, Task, TokenizerInfo
+from ._tasks import CausalLM, Classify, MaskedLM, MultiLabel, PendingBatch, Task, TokenizerInfo
 
 __all__ = [
+    "CausalLM",
+    "Classify",
     "DaemonGone",
     "Field",
     "Loader",
     "LoaderTimeout",
     "MaskedLM",
+    "MultiLabel",
     "PendingBatch",
     "ProducerFailed",
     "Recipe",

@@ -128,7 +128,11 @@ def _render_status(s: dict) -> str:
 @click.option("--batch", "k", default=0, show_default=True, help="Which unread batch: 0 is the consumer's next.")
 @click.option("--rows", default=2, show_default=True, help="How many rows of the batch to show.")
 def inspect(name: str, k: int, rows: int) -> None:
-    """Decode a batch waiting in ring NAME back to text, masked positions marked [input->label]."""
+    """Decode a batch waiting in ring NAME back to text, as the model will see it.
+
+    Masked-LM positions show as [input->label], causal-LM rows mark document boundaries,
+    classification rows show their labels by name.
+    """
     from ._status import peek
     from ._tasks import build_task
 
@@ -136,26 +140,10 @@ def inspect(name: str, k: int, rows: int) -> None:
     recipe = found["recipe"]["recipe"]
     task = build_task(recipe["task"], recipe["tokenizer"], recipe["batch_size"], recipe["seed"])
     click.echo(f"ring {name}: chunk {found['chunk']} batch {found['index']} (lane {found['lane']}), "
-               f"task {recipe['task']['type']}; masked positions shown as [input->label]")
+               f"task {recipe['task']['type']}")
     for row in range(min(rows, recipe["batch_size"])):
         click.echo(f"--- row {row}")
-        click.echo(_render_row(task.tok.tokenizer, {k: v[row] for k, v in found["arrays"].items()}))
-
-
-def _render_row(tokenizer, row: dict) -> str:
-    ids, labels = row["input_ids"], row.get("labels")
-    attention = row.get("attention_mask")
-    words = []
-    for pos, token_id in enumerate(ids.tolist()):
-        if attention is not None and not attention[pos]:
-            words.append(f"[PAD]x{len(ids) - pos}")
-            break
-        token = tokenizer.id_to_token(token_id) or f"<{token_id}>"
-        if labels is not None and labels[pos] != -100:
-            original = tokenizer.id_to_token(int(labels[pos]))
-            token = f"[{token}->{original}]"
-        words.append(token)
-    return " ".join(words).replace(" ##", "")
+        click.echo(task.describe_row({key: array[row] for key, array in found["arrays"].items()}))
 
 
 @main.command(name="ls")

@@ -35,7 +35,7 @@ class Loader:
     """Iterator over a ring's batches. Create it with :func:`ringload.connect`."""
 
     def __init__(self, name: str, device: Any = "cpu", timeout: float = 30.0, dtypes: dict[str, Any] | None = None,
-                 prefetch: int = 2):
+                 prefetch: int = 2, trim: bool = False, meta: bool = False):
         import torch
 
         self._torch = torch
@@ -58,6 +58,11 @@ class Loader:
         self._in_hand: tuple[int, int] | None = None  # (lane, seq) of the batch last handed out
         self._last_lane = 0
         self._stager = None
+        fields = ring.geometry.fields
+        self._handed = [f.name for f in fields if meta or not f.name.startswith("_")]
+        seq_len = fields[0].shape[1] if len(fields[0].shape) > 1 else 0
+        has_lengths = any(f.name == "_lengths" for f in fields)
+        self._trimmed = [f.name for f in fields if trim and has_lengths and len(f.shape) == 2 and f.shape[1] == seq_len]
         self._claim()
         self.device = torch.device(device)
         self.dtypes = {k: v for k, v in (dtypes or {}).items()}
@@ -229,11 +234,21 @@ class Loader:
             self._views[key] = views
         return views
 
-    def _tensors(self, lane: int, seq: int) -> dict[str, Any]:
+    def _host_batch(self, lane: int, seq: int) -> dict[str, Any]:
+        """The fields handed out, as views of the slot; trimmed to the longest row if asked."""
         views = self._tensors_cpu(lane, seq)
+        batch = {k: views[k] for k in self._handed}
+        if self._trimmed:
+            longest = int(views["_lengths"].max())
+            for k in self._trimmed:
+                batch[k] = batch[k][:, :longest]
+        return batch
+
+    def _tensors(self, lane: int, seq: int) -> dict[str, Any]:
+        batch = self._host_batch(lane, seq)
         if not self.dtypes and self.device.type == "cpu":
-            return dict(views)
-        return {k: v.to(self.device, self.dtypes.get(k, v.dtype)) for k, v in views.items()}
+            return batch
+        return {k: v.to(self.device, self.dtypes.get(k, v.dtype)) for k, v in batch.items()}
 
     # -- checkpoints and teardown ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -266,11 +281,13 @@ class Loader:
 
 
 def connect(name: str, device: Any = "cpu", timeout: float = 30.0, dtypes: dict[str, Any] | None = None,
-            prefetch: int = 2) -> Loader:
+            prefetch: int = 2, trim: bool = False, meta: bool = False) -> Loader:
     """Attach to the ring ``name`` and iterate over its batches (``dict[str, torch.Tensor]``).
 
     ``device``: "cpu" (zero-copy views of the ring) or a CUDA device (batches staged from pinned
     ring memory by asynchronous copies, ``prefetch`` batches ahead). ``dtypes`` casts fields, e.g.
     ``{"input_ids": torch.long}``. ``timeout``: seconds to wait for a batch before raising.
+    ``trim``: cut padding columns beyond the batch's longest row (classification tasks).
+    ``meta``: also hand out bookkeeping fields (names starting with ``_``, e.g. ``_document_ids``).
     """
-    return Loader(name, device=device, timeout=timeout, dtypes=dtypes, prefetch=prefetch)
+    return Loader(name, device=device, timeout=timeout, dtypes=dtypes, prefetch=prefetch, trim=trim, meta=meta)

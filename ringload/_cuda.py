@@ -55,7 +55,8 @@ class CudaStager:
                 "locked-memory limit (ulimit -l) to avoid it.", RuntimeWarning, stacklevel=3)
             fields = ring.geometry.fields
             self.staging = [
-                {f.name: torch.empty(f.shape, dtype=_torch_dtype(torch, f.dtype)).pin_memory() for f in fields}
+                {f.name: torch.empty(f.shape, dtype=_torch_dtype(torch, f.dtype)).pin_memory() for f in fields
+                 if f.name in loader._handed}
                 for _ in range(self.prefetch + 1)
             ]
             self._staging_turn = 0
@@ -68,13 +69,16 @@ class CudaStager:
         except StopIteration:
             self.exhausted = True
             return False
-        host = self.loader._tensors_cpu(lane, seq)
+        host = self.loader._host_batch(lane, seq)
         if not self.registered:
             buffer = self.staging[self._staging_turn]
             self._staging_turn = (self._staging_turn + 1) % len(self.staging)
+            staged = {}
             for name, tensor in host.items():
-                buffer[name].copy_(tensor)
-            host = buffer
+                target = buffer[name][tuple(slice(0, n) for n in tensor.shape)]
+                target.copy_(tensor)
+                staged[name] = target
+            host = staged
         with torch.cuda.stream(self.stream):
             device_batch = {
                 name: tensor.to(self.device, non_blocking=True).to(self.loader.dtypes.get(name, tensor.dtype))

@@ -24,8 +24,9 @@ same line)::
 
     line 0  producer:  published | posted
     line 1  consumer:  taken | released
-    line 2  producer:  batches | examples | tokens | bad_records | tokens_dropped | chunks | current_chunk | pid
-    line 3  daemon:    restarts | exitcode
+    line 2  producer:  batches | examples | tokens | bad_records | tokens_dropped | chunks | current_chunk
+                       | labels_unknown
+    line 3  daemon:    pid | restarts | exitcode;  producer: examples_dropped
 
 Semaphores (POSIX, mode 0600): ``filled.P`` counts published slots not yet taken, ``free.P`` free
 slots of lane P, and one ``doorbell`` that every publish also posts, so the consumer can sleep
@@ -63,9 +64,11 @@ class LaneWord:
     TOKENS_DROPPED = 20
     CHUNKS = 21
     CURRENT_CHUNK = 22
-    PID = 23
-    RESTARTS = 24
-    EXITCODE = 25
+    LABELS_UNKNOWN = 23
+    PID = 24
+    RESTARTS = 25
+    EXITCODE = 26
+    EXAMPLES_DROPPED = 27
 
 
 STAT_WORDS = {
@@ -74,6 +77,8 @@ STAT_WORDS = {
     "tokens": LaneWord.TOKENS,
     "bad_records": LaneWord.BAD_RECORDS,
     "tokens_dropped": LaneWord.TOKENS_DROPPED,
+    "examples_dropped": LaneWord.EXAMPLES_DROPPED,
+    "labels_unknown": LaneWord.LABELS_UNKNOWN,
     "chunks": LaneWord.CHUNKS,
 }
 
@@ -88,6 +93,8 @@ class Semaphores:
         def open_sem(name: str, initial: int) -> posix_ipc.Semaphore:
             try:
                 return posix_ipc.Semaphore(name, flags, mode=0o600, initial_value=initial)
+            except posix_ipc.PermissionsError:
+                raise RingError(f"semaphore {name} of ring {ring_name!r} belongs to another user") from None
             except posix_ipc.ExistentialError:
                 what = "already exists (run `ringload clean`)" if create else "is missing: the ring is being torn down"
                 raise RingError(f"semaphore {name} of ring {ring_name!r} {what}") from None

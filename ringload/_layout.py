@@ -250,6 +250,8 @@ class Ring:
         validate_name(name)
         try:
             shm = posix_ipc.SharedMemory(shm_name(name))
+        except posix_ipc.PermissionsError:
+            raise RingError(f"ring {name!r} belongs to another user; refusing to attach") from None
         except posix_ipc.ExistentialError:
             raise RingError(
                 f"no ring named {name!r} on this machine; start one with `ringload start RECIPE --name {name}` "
@@ -368,6 +370,8 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
         return RingError(f"ring {name!r} has a corrupt or foreign header ({why}); refusing to attach. "
                          f"If no daemon owns it, `ringload clean` removes it")
 
+    if size % LINE:
+        raise bad(f"a mapping of {size} bytes is not a whole number of cache lines")
     if magic != MAGIC:
         raise bad("bad magic: not a ringload ring, or its daemon is still creating it")
     if version != VERSION:

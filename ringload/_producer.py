@@ -81,11 +81,12 @@ class Producer:
     def process(self, chunk: Chunk, skip: int) -> None:
         """Publish the chunk's batches from index ``skip`` on; the last one carries the chunk-end flag."""
         path = self.files[chunk.file_index]
-        texts, bad = parse_records(chunk, self.recipe.source, path)
+        unknown_before = self.task.labels_unknown
+        records, bad = parse_records(chunk, self.recipe.source, path, self.task.convert_label)
         if bad:
             self._report_bad(bad)
         self._stat(LaneWord.CURRENT_CHUNK, chunk.id)
-        batches = self.task.batches(texts, chunk.id)
+        batches = self.task.batches(records, chunk.id)
         pending: PendingBatch | None = next(batches, None)
         index, records_before = 0, 0
         while pending is not None:
@@ -97,10 +98,12 @@ class Producer:
         if index == 0 and skip == 0:
             # A chunk too small for one batch still ends: an empty, flagged slot tells the consumer.
             seq = self.writer.claim(self._keep_waiting)
-            self.writer.publish(seq, chunk.id, 0, 0, True, chunk.cursor, len(texts), 0)
+            self.writer.publish(seq, chunk.id, 0, 0, True, chunk.cursor, len(records), 0)
         if index >= skip:
             self._add(LaneWord.TOKENS_DROPPED, self.task.tokens_dropped)
-            self._add(LaneWord.EXAMPLES, len(texts) - records_before)
+            self._add(LaneWord.EXAMPLES_DROPPED, self.task.examples_dropped)
+            self._add(LaneWord.LABELS_UNKNOWN, self.task.labels_unknown - unknown_before)
+            self._add(LaneWord.EXAMPLES, len(records) - records_before)
             self._add(LaneWord.CHUNKS, 1)
 
     def _publish(self, chunk: Chunk, index: int, batch: PendingBatch, last: bool, records_before: int) -> None:

@@ -16,7 +16,7 @@ import yaml
 
 from ._errors import RecipeError
 
-FORMATS = ("text", "jsonl")
+FORMATS = ("text", "jsonl", "cirrussearch", "csv", "tsv")
 DEFAULT_CHUNK_BYTES = 1 << 20
 ASSETS_ENV = "RINGLOAD_ASSETS"
 
@@ -31,6 +31,8 @@ class Source:
     paths: tuple[str, ...]
     format: str = "text"
     field: str = "text"
+    pair_field: str | None = None
+    label_field: str | None = None
     storage_options: dict[str, Any] = dataclass_field(default_factory=dict)
 
 
@@ -105,10 +107,15 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
     if fmt not in FORMATS:
         raise fail("source.format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
     field_name = _typed(src, "field", str, "text", origin, "source.")
+    pair_field = _typed(src, "pair_field", str, None, origin, "source.")
+    label_field = _typed(src, "label_field", str, None, origin, "source.")
+    if fmt == "text" and (pair_field or label_field):
+        raise fail("source.format", "text files hold bare lines: use jsonl, csv or tsv for pairs and labels")
     storage_options = src.get("storage_options") or {}
     if not isinstance(storage_options, dict):
         raise fail("source.storage_options", "must be a mapping")
-    source = Source(tuple(_resolve(p, base_dir) for p in paths), fmt, field_name, storage_options)
+    source = Source(tuple(_resolve(p, base_dir) for p in paths), fmt, field_name, pair_field, label_field,
+                    storage_options)
 
     task = data["task"]
     if not isinstance(task, dict) or "type" not in task:

@@ -1,18 +1,27 @@
 """Sources: reading raw records and cutting them into numbered chunks.
 
 The daemon's reader thread is the only reader of the sources: it cuts them, in order, into chunks
-of about ``chunk_bytes`` of whole lines (a chunk never spans two files) and numbers them 0, 1, 2...
-The chunk sequence is a pure function of the recipe, which is what makes the stream deterministic
-whichever producer happens to process a chunk. Producers parse a chunk's lines into records
-(``parse_records``), so JSON decoding runs in parallel.
+of about ``chunk_bytes`` of whole records (a chunk never spans two files) and numbers them 0, 1,
+2... The chunk sequence is a pure function of the recipe, which is what makes the stream
+deterministic whichever producer happens to process a chunk. Producers parse a chunk into records
+(``parse_records``), so JSON and CSV decoding run in parallel.
+
+Formats: ``text`` (one example per line), ``jsonl`` (one JSON object per line, the text under
+``field``), ``cirrussearch`` (Elasticsearch bulk lines as in Wikipedia's CirrusSearch dumps: action
+lines ``{"index": ...}`` are skipped, documents give ``field``), ``csv``/``tsv`` (a header line
+names the columns; csv fields may be quoted and span lines, so a csv chunk ends only where the
+count of quote characters is even; every csv/tsv chunk carries the header line in front).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 
@@ -27,13 +36,25 @@ class Chunk:
     id: int
     epoch: int
     file_index: int
-    offset: int  # byte offset of the first line in the (decompressed) file
-    line: int  # 1-based line number of the first line
-    payload: bytes
+    offset: int  # byte offset of the first record in the (decompressed) file
+    line: int  # 1-based line number of the first record
+    payload: bytes  # whole records; for csv/tsv the file's header line comes first
 
     @property
     def cursor(self) -> tuple[int, int, int, int]:
         return self.epoch, self.file_index, self.offset, self.line
+
+
+@dataclass
+class Records:
+    """A chunk's examples: texts, optional second texts (pairs) and optional labels."""
+
+    texts: list[str] = field(default_factory=list)
+    pairs: list[str] | None = None
+    labels: list[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
 
 
 @dataclass(frozen=True)
@@ -63,49 +84,126 @@ def read_chunks(source: Source, files: list[str], chunk_bytes: int, epochs: int 
     chunk_id = itertools.count()
     for epoch in itertools.count() if epochs is None else range(epochs):
         for file_index, path in enumerate(files):
-            offset, line = 0, 1
             with fsspec.open(path, mode="rb", compression="infer", **source.storage_options) as stream:
+                header = stream.readline() if source.format in ("csv", "tsv") else b""
+                offset, line = len(header), 1 + bool(header)
                 while True:
                     payload = stream.read(chunk_bytes)
                     if not payload:
                         break
-                    if not payload.endswith(b"\n"):
-                        payload += stream.readline()  # finish the last line: records never span chunks
-                    yield Chunk(next(chunk_id), epoch, file_index, offset, line, payload)
+                    payload = _complete_records(stream, payload, quoted=source.format == "csv")
+                    yield Chunk(next(chunk_id), epoch, file_index, offset, line, header + payload)
                     offset += len(payload)
                     line += payload.count(b"\n")
 
 
-def parse_records(chunk: Chunk, source: Source, path: str) -> tuple[list[str], list[BadRecord]]:
-    """Split a chunk into example texts; lines that cannot be read become ``BadRecord``s."""
-    texts: list[str] = []
+def _complete_records(stream: Any, payload: bytes, quoted: bool) -> bytes:
+    """Extend a block to the end of its last record: records never span chunks."""
+    if not payload.endswith(b"\n"):
+        payload += stream.readline()
+    # In csv a quoted field may hold newlines; a record ends at a newline after an even number of quotes.
+    while quoted and payload.count(b'"') % 2:
+        more = stream.readline()
+        if not more:
+            break
+        payload += more
+    return payload
+
+
+def parse_records(chunk: Chunk, source: Source, path: str,
+                  convert_label: Callable[[Any], Any] | None = None) -> tuple[Records, list[BadRecord]]:
+    """Split a chunk into examples; records that cannot be read become ``BadRecord``s.
+
+    ``convert_label`` (from the task) turns a raw label into what the task stores, raising
+    ``ValueError`` for a label it cannot use, which makes the record bad.
+    """
+    rows = _csv_rows(chunk, source, path) if source.format in ("csv", "tsv") else _line_rows(chunk, source)
+    wants_pair, wants_label = source.pair_field is not None, source.label_field is not None
+    records = Records(pairs=[] if wants_pair else None, labels=[] if wants_label else None)
     bad: list[BadRecord] = []
+    for number, row in rows:
+        if isinstance(row, str):  # a reason the row could not even be decoded
+            bad.append(BadRecord(path, number, row))
+            continue
+        if row is None:
+            continue  # not an example: blank line, cirrussearch action line
+        try:
+            text = _text_of(row, source.field)
+            pair = _text_of(row, source.pair_field) if wants_pair else None
+            if wants_label:
+                if source.label_field not in row or row[source.label_field] is None:
+                    raise ValueError(f"label field {source.label_field!r} is missing")
+                label = row[source.label_field]
+                label = convert_label(label) if convert_label else label
+        except ValueError as exc:
+            bad.append(BadRecord(path, number, str(exc)))
+            continue
+        records.texts.append(text)
+        if wants_pair:
+            records.pairs.append(pair)
+        if wants_label:
+            records.labels.append(label)
+    return records, bad
+
+
+def _text_of(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str):
+        why = "missing" if key not in row else f"a {type(value).__name__}, not text"
+        raise ValueError(f"field {key!r} is {why}")
+    if not value.strip():
+        raise ValueError(f"field {key!r} is empty")
+    return value
+
+
+def _line_rows(chunk: Chunk, source: Source) -> Iterator[tuple[int, dict[str, Any] | str | None]]:
+    """(line number, row) for line formats; a row is a dict, None to skip, or a str saying why it is bad."""
     lines = chunk.payload.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()
-    jsonl = source.format == "jsonl"
     for number, raw in enumerate(lines, chunk.line):
         if not raw.strip():
-            continue  # blank lines separate nothing in these formats; they are not examples
+            yield number, None  # blank lines separate nothing in these formats; they are not examples
+            continue
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            bad.append(BadRecord(path, number, f"invalid UTF-8 at byte {exc.start}"))
+            yield number, f"invalid UTF-8 at byte {exc.start}"
             continue
-        if not jsonl:
-            texts.append(line.rstrip("\r"))
+        if source.format == "text":
+            yield number, {source.field: line.rstrip("\r")}
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            bad.append(BadRecord(path, number, f"malformed JSON ({exc.msg} at column {exc.colno})"))
+            yield number, f"malformed JSON ({exc.msg} at column {exc.colno})"
             continue
-        text = obj.get(source.field) if isinstance(obj, dict) else None
-        if not isinstance(text, str):
-            why = "missing" if not isinstance(obj, dict) or source.field not in obj else f"a {type(text).__name__}, not text"
-            bad.append(BadRecord(path, number, f"field {source.field!r} is {why}"))
-        elif not text.strip():
-            bad.append(BadRecord(path, number, f"field {source.field!r} is empty"))
+        if not isinstance(obj, dict):
+            yield number, f"a JSON {type(obj).__name__}, not an object"
+        elif source.format == "cirrussearch" and set(obj) <= {"index", "create", "update", "delete"}:
+            yield number, None  # the bulk action line before each document
         else:
-            texts.append(text)
-    return texts, bad
+            yield number, obj
+
+
+def _csv_rows(chunk: Chunk, source: Source, path: str) -> Iterator[tuple[int, dict[str, Any] | str | None]]:
+    try:
+        text = chunk.payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = chunk.line + chunk.payload[:exc.start].count(b"\n") - 1
+        yield line, f"invalid UTF-8 at byte {exc.start} (the rest of this chunk is skipped)"
+        return
+    tsv = source.format == "tsv"
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    missing = [k for k in (source.field, source.pair_field, source.label_field) if k and k not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: column {missing[0]!r} is not in the header ({', '.join(reader.fieldnames or [])}); "
+                         "set source.field / pair_field / label_field to one of these")
+    start = 2
+    try:
+        for row in reader:
+            yield chunk.line + start - 2, row if any(row.values()) else None
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        yield chunk.line + reader.line_num - 2, f"malformed {source.format} ({exc}); the rest of this chunk is skipped"

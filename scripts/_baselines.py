@@ -54,17 +54,18 @@ def _token_id(tokenizer: Tokenizer, token: str) -> int:
 class PackedMLMDataset(IterableDataset):
     """Worker ``k`` of ``P`` takes lines ``i % P == k`` and yields ready, masked batches.
 
-    Lines are encoded ``chunk_lines`` at a time, documents are joined by ``[SEP]``
+    Lines are encoded ``chunk_lines`` at a time (with the ``encode`` method), documents are joined by ``[SEP]``
     into one id stream, and the stream is cut into rows ``[CLS] <seq_len-2 ids> [SEP]``
     with numpy, so the consumer receives finished tensors and does no work.
     """
 
-    def __init__(self, path: Path, tokenizer: Tokenizer, *, chunk_lines: int, batch_size: int,
-                 seq_len: int, mask_prob: float, seed: int) -> None:
+    def __init__(self, path: Path, tokenizer: Tokenizer, *, encode: str, chunk_lines: int,
+                 batch_size: int, seq_len: int, mask_prob: float, seed: int) -> None:
         super().__init__()
         self.path = path
-        self.chunk_lines = chunk_lines
         self.tokenizer = tokenizer
+        self.encode = encode
+        self.chunk_lines = chunk_lines
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.mask_prob = mask_prob
@@ -79,9 +80,10 @@ class PackedMLMDataset(IterableDataset):
         rng = np.random.default_rng((self.seed, rank))
         body = self.seq_len - 2
         per_batch = self.batch_size * body
+        encode = getattr(self.tokenizer, self.encode)
         pending = np.empty(0, dtype=np.int64)
         for texts in self._chunks(rank, workers):
-            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+            encodings = encode(texts, add_special_tokens=False)
             pending = np.concatenate([pending, self._join(encodings)])
             full = len(pending) // per_batch
             for rows in pending[:full * per_batch].reshape(full, self.batch_size, body):
@@ -122,11 +124,16 @@ class PackedMLMDataset(IterableDataset):
                 "labels": torch.from_numpy(labels)}
 
 
-def handmade(path: Path, tokenizer: Tokenizer, *, chunk_lines: int, producers: int,
-             batch_size: int, seq_len: int, mask_prob: float, seed: int) -> Opener:
-    """The hand-written ``IterableDataset`` under a ``DataLoader`` with ``producers`` workers."""
-    dataset = PackedMLMDataset(path, tokenizer, chunk_lines=chunk_lines, batch_size=batch_size,
-                               seq_len=seq_len, mask_prob=mask_prob, seed=seed)
+def handmade(path: Path, tokenizer: Tokenizer, *, encode: str, chunk_lines: int,
+             producers: int, batch_size: int, seq_len: int, mask_prob: float,
+             seed: int) -> Opener:
+    """The hand-written ``IterableDataset`` under a ``DataLoader`` with ``producers`` workers.
+
+    ``encode`` names the ``Tokenizer`` method (``encode_batch`` or ``encode_batch_fast``).
+    """
+    dataset = PackedMLMDataset(path, tokenizer, encode=encode, chunk_lines=chunk_lines,
+                               batch_size=batch_size, seq_len=seq_len, mask_prob=mask_prob,
+                               seed=seed)
 
     @contextmanager
     def open_stream() -> Iterator[Iterator[Batch]]:

