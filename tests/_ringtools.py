@@ -16,14 +16,13 @@ import os
 import signal
 import time
 import zlib
-from math import prod
 from uuid import uuid4
 
 import numpy as np
 import posix_ipc
 
 from ringload._lanes import LaneWord, LaneWriter, Semaphores, acquire, unlink_semaphores
-from ringload._layout import SLOT_HEADER_SIZE, Field, Geometry, Ring, SlotWord
+from ringload._layout import Field, Geometry, Ring, SlotWord
 from ringload._names import PREFIX, SHM_DIR, shm_name
 
 ROWS, COLS = 4, 8
@@ -319,7 +318,8 @@ def slot_bounds(ring: Ring, lane: int, slot: int) -> tuple[int, int]:
     return start, start + ring.slot_size
 
 
-def field_spans(ring: Ring, lane: int, slot: int, arrays: dict[str, np.ndarray], base_address: int) -> list[tuple[int, int, str]]:
+def field_spans(ring: Ring, lane: int, slot: int, arrays: dict[str, np.ndarray],
+                base_address: int) -> list[tuple[int, int, str]]:
     """(start, end, name) byte offsets, relative to the mapping, of the arrays of one slot."""
     spans = []
     for key, arr in arrays.items():
@@ -335,9 +335,3 @@ def mapping_address(ring: Ring) -> tuple[int, int]:
     del probe
     return address, len(ring._mem)
 
-
-__all__ = [
-    "COLS", "ROWS", "SHAPE", "SLOT_HEADER_SIZE", "LaneReader", "RingSet", "counters", "checksum", "field_spans",
-    "fill_and_publish", "invariant_holds", "mapping_address", "payload", "produce", "prod", "remove_ring",
-    "shm_entries", "slot_bounds", "small_geometry", "unique_name",
-]

@@ -103,7 +103,8 @@ def test_attach_rebuilds_the_same_geometry(rings):
     assert [f.dtype for f in ring.geometry.fields] == [f.dtype for f in MIXED_GEOMETRY.fields]
     for attr in ("header_size", "total_size", "slot_size", "lanes_offset", "slots_offset", "field_offsets"):
         assert getattr(ring, attr) == getattr(made, attr), attr
-    assert ring.total_size == len(ring._mem) == MIXED_GEOMETRY.total_size(b'{"k": [1, 2, 3], "s": "' + b"x" * 300 + b'"}')
+    recipe_json = b'{"k": [1, 2, 3], "s": "' + b"x" * 300 + b'"}'
+    assert ring.total_size == len(ring._mem) == MIXED_GEOMETRY.total_size(recipe_json)
     assert ring.recipe() == made.recipe() == {"k": [1, 2, 3], "s": "x" * 300}
     assert not ring.owner and made.owner
 
@@ -165,7 +166,7 @@ def test_slot_arrays_do_not_alias(rings):
 # -- the protocol across processes -----------------------------------------------------------
 
 def test_wraparound_many_laps(rings):
-    """5000 batches through a 4-slot lane (1250 laps): each arrives once, in order, with its payload, checksum and SEQ stamp."""
+    """5000 batches through a 4-slot lane (1250 laps) arrive once each, in order, with payload, checksum, SEQ stamp."""
     total, slots = 5000, 4
     name, ring, sems = rings.create(lanes=1, slots=slots)
     reader = rt.LaneReader(ring, sems, 0)
@@ -221,7 +222,7 @@ def test_stress_two_lanes_checksummed(rings):
         assert rt.counters(ring, lane)[:3] == (per_lane, per_lane, per_lane)
         _assert_tokens_exact(ring, sems, lane)
     assert sems.doorbell.value <= 2 * per_lane
-    assert elapsed < 45, f"100k batches took {elapsed:.1f} s"
+    assert elapsed < 30, f"100k batches took {elapsed:.1f} s"
 
 
 class LaneMachine(RuleBasedStateMachine):
@@ -362,7 +363,7 @@ def test_claim_resumes_after_a_release(rings):
 
 
 def test_producer_process_blocks_when_full_then_resumes(rings):
-    """A producer process stops at published = released + slots while nothing is consumed, and goes on after a release."""
+    """A producer process stops at published = released + slots while nothing is consumed; a release resumes it."""
     name, ring, sems = rings.create(lanes=1, slots=4)
     reader = rt.LaneReader(ring, sems, 0)
     proc = rings.spawn(rt.produce, name, 0, 10)
@@ -387,7 +388,7 @@ def test_producer_process_blocks_when_full_then_resumes(rings):
 # -- repair rules ----------------------------------------------------------------------------
 
 def test_repair_posts_filled_for_a_published_but_unposted_batch(rings):
-    """Death between published += 1 and the filled post: repair posts one filled token (and the doorbell) and sets posted."""
+    """Death between published += 1 and the filled post: repair posts one filled token + doorbell, sets posted."""
     name, ring, sems = rings.create(lanes=1, slots=4)
     writer = LaneWriter(ring, sems, 0)
     reader = rt.LaneReader(ring, sems, 0)
@@ -473,7 +474,7 @@ def test_surplus_filled_token_is_absorbed_by_the_consumer_check(rings):
 
 
 def test_surplus_free_token_is_absorbed_by_claim(rings):
-    """A free token posted on a full lane does not let claim overwrite an unreleased slot: claim absorbs it and waits."""
+    """A surplus free token on a full lane never lets claim overwrite an unreleased slot: claim absorbs it, waits."""
     name, ring, sems = rings.create(lanes=1, slots=4)
     writer = LaneWriter(ring, sems, 0)
     reader = rt.LaneReader(ring, sems, 0)
@@ -527,7 +528,7 @@ def test_loader_absorbs_a_surplus_filled_token(rings):
 
 @pytest.mark.parametrize("lost", ["filled", "free"])
 def test_loader_claim_recovers_a_dead_consumer(rings, lost):
-    """A new Loader returns the slot a dead consumer held, restores the token it lost, and goes on with the next batch."""
+    """A new Loader returns a dead consumer's held slot, restores the token it lost, and goes on with the next batch."""
     slots = 4
     name, ring, sems = rings.create(lanes=1, slots=slots)
     writer = LaneWriter(ring, sems, 0)
@@ -575,7 +576,7 @@ def _consume_until_dead(reader: rt.LaneReader, proc, got: list[int]) -> None:
 
 @pytest.mark.parametrize("phase", ["holding_free", "before_filled_post", "after_filled_post"])
 def test_producer_sigkilled_in_each_window_is_repaired(rings, phase):
-    """A producer SIGKILLed in each window that can lose or duplicate a token: repair lets a replacement finish the stream."""
+    """A producer SIGKILLed in each token-losing/duplicating window: repair lets a replacement finish the stream."""
     slots, total, die_at = 4, 40, 13
     name, ring, sems = rings.create(lanes=1, slots=slots)
     reader = rt.LaneReader(ring, sems, 0)
@@ -609,7 +610,7 @@ def test_producer_sigkilled_in_each_window_is_repaired(rings, phase):
 
 
 def test_producer_sigkilled_mid_stream_never_wedges(rings):
-    """Producers SIGKILLed at random points mid-stream: after each repair a new one continues from published, and every seq arrives once, in order."""
+    """SIGKILLed producers never wedge the lane: after repair a new one resumes; every seq arrives once, in order."""
     slots, total, work_s = 4, 12_000, 100e-6
     rng = random.Random(1234)
     kill_at = sorted(rng.sample(range(500, total // 2), 6))
