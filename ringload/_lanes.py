@@ -38,7 +38,10 @@ No lock exists that a dead process could leave held. A process killed between tw
 lose or duplicate at most one token; whoever repairs the lane (the daemon after a producer
 death, the next consumer after a consumer death) posts the tokens the counters say are missing.
 A surplus token is harmless: after every wait each side re-checks the counters, and a token that
-the counters do not back is simply absorbed.
+the counters do not back is simply absorbed. (Only in that repair path can a side act on a
+counter it read without the matching post; the repairing process posts only after it has seen
+the dead process exit, but on a weakly ordered CPU a counter read through a surplus token is
+ordered by that one post alone. Normal operation never takes this path.)
 """
 
 from __future__ import annotations

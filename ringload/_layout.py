@@ -405,6 +405,8 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
             field_name = raw_name.rstrip(b"\0").decode("ascii")
         except UnicodeDecodeError:
             raise bad(f"field {i}: name is not ASCII") from None
+        if not field_name or any(f.name == field_name for f in fields):
+            raise bad(f"field {i}: empty or repeated name {field_name!r}")
         fields.append(Field(field_name, dtype, shape))
         offsets.append(off)
     spans = sorted((o, o + f.nbytes) for o, f in zip(offsets, fields))
