@@ -26,7 +26,9 @@ def main() -> None:
 @click.option("--name", help="Ring name (default: the recipe's name).")
 @click.option("--producers", type=click.IntRange(1, 256), help="Producer processes (default: the recipe's).")
 @click.option("--detach", is_flag=True, help="Run the daemon in the background and return once the ring is ready.")
-def start(recipe: str, name: str | None, producers: int | None, detach: bool) -> None:
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False),
+              help="A JSON state from loader.state_dict(): continue right after its last batch.")
+def start(recipe: str, name: str | None, producers: int | None, detach: bool, resume: str | None) -> None:
     """Create a ring from RECIPE and serve it until stopped."""
     from ._daemon import Daemon, launch, log_file
     from ._recipe import load_recipe
@@ -35,13 +37,14 @@ def start(recipe: str, name: str | None, producers: int | None, detach: bool) ->
     if producers:
         loaded = loaded.replace(producers=producers)
     ring_name = validate_name(name or loaded.name)
+    state = json.loads(Path(resume).read_text()) if resume else None
     if detach:
-        process = launch(recipe, ring_name, producers, detach=True)
+        process = launch(recipe, ring_name, producers, detach=True, resume_path=resume)
         click.echo(f"ring {ring_name} ready (daemon pid {process.pid}, log {log_file(ring_name)}); "
                    f"`ringload stop {ring_name}` ends it")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ringload: %(message)s", stream=sys.stderr)
-    sys.exit(Daemon(loaded, ring_name).run())
+    sys.exit(Daemon(loaded, ring_name, resume=state).run())
 
 
 @main.command()

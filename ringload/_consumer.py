@@ -26,8 +26,11 @@ from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RingError
 from ._lanes import LaneWord, Semaphores, acquire
 from ._layout import FLAG_LAST_IN_CHUNK, Ring, SlotWord, State, Word
 from ._names import pid_alive
+from ._resume import STATE_FORMAT, stream_identity
 
 POLL_S = 0.1
+_CURSOR_WORDS = ((Word.RESUME_EPOCH, SlotWord.EPOCH), (Word.RESUME_FILE, SlotWord.FILE_INDEX),
+                 (Word.RESUME_OFFSET, SlotWord.CHUNK_OFFSET), (Word.RESUME_LINE, SlotWord.CHUNK_LINE))
 HEARTBEAT_TIMEOUT_S = 5.0
 
 
@@ -158,6 +161,9 @@ class Loader:
         else:
             self.next_chunk, self.next_index = chunk, index + 1
         w[Word.NEXT_CHUNK], w[Word.NEXT_INDEX] = self.next_chunk, self.next_index
+        w[Word.RESUME_CHUNK], w[Word.RESUME_SKIP] = chunk, index + 1
+        for word, slot_word in _CURSOR_WORDS:
+            w[word] = w[base + slot_word]
         if w[base + SlotWord.ROWS]:
             self.delivered += 1
             w[Word.DELIVERED] = self.delivered
@@ -252,9 +258,18 @@ class Loader:
 
     # -- checkpoints and teardown ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Where the stream stands: the next batch this consumer will receive."""
-        return {"ring": self.name, "next_chunk": self.next_chunk, "next_index": self.next_index,
-                "delivered": self.delivered}
+        """A small JSON-able checkpoint: ``ringload start RECIPE --resume STATE`` (or
+        ``ringload.start(recipe, resume=state)``) continues with exactly the batch after the last one
+        this loader handed out."""
+        w = self._words
+        return {
+            "format": STATE_FORMAT,
+            "stream": stream_identity(self.ring.recipe()),
+            "delivered": self.delivered,
+            "next": [self.next_chunk, self.next_index],
+            "resume": [w[Word.RESUME_CHUNK], w[Word.RESUME_SKIP], w[Word.RESUME_EPOCH], w[Word.RESUME_FILE],
+                       w[Word.RESUME_OFFSET], w[Word.RESUME_LINE]],
+        }
 
     def close(self) -> None:
         """Give back the held slot and detach; the ring and its daemon go on."""

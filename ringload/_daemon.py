@@ -42,6 +42,7 @@ from ._layout import Field, Geometry, Ring, State, Word
 from ._names import list_ring_names, list_semaphore_rings, pid_alive, shm_name, validate_name
 from ._producer import ERROR, WANT, encode_chunk, producer_main
 from ._recipe import Recipe
+from ._resume import check_state, stream_identity
 from ._sources import Chunk, expand_paths, read_chunks
 from ._tasks import build_task
 
@@ -79,8 +80,10 @@ def geometry_for(recipe: Recipe) -> Geometry:
 class Daemon:
     """Serves one ring until stopped. ``run`` blocks; it returns the process exit code."""
 
-    def __init__(self, recipe: Recipe, name: str | None = None):
+    def __init__(self, recipe: Recipe, name: str | None = None, resume: dict[str, Any] | None = None):
         self.recipe = recipe
+        self.resume_state = resume
+        self.first_skip = (-1, 0)  # (chunk, batches already delivered) when resuming mid-stream
         self.name = validate_name(name or recipe.name)
         self.stop_requested = threading.Event()
         self.chunks: queue.Queue[Chunk | None] = queue.Queue(maxsize=2 * recipe.producers + 2)
@@ -95,13 +98,25 @@ class Daemon:
     def run(self) -> int:
         files = expand_paths(self.recipe.source)
         geometry = geometry_for(self.recipe)
+        header_recipe = {"recipe": self.recipe.to_dict(), "files": files}
+        start = None
+        if self.resume_state is not None:
+            cursor, position, delivered = check_state(self.resume_state, stream_identity(header_recipe))
+            if cursor[0] >= 0:
+                start = (cursor[0], *cursor[2:])
+                self.first_skip = (cursor[0], cursor[1])
         reclaim_if_dead(self.name)
-        self.ring = Ring.create(self.name, geometry, {"recipe": self.recipe.to_dict(), "files": files})
+        self.ring = Ring.create(self.name, geometry, header_recipe)
+        if start is not None:
+            for word, value in zip((Word.NEXT_CHUNK, Word.NEXT_INDEX, Word.DELIVERED), (*position, delivered)):
+                self.ring.set(word, value)
+            for offset, value in enumerate(cursor):
+                self.ring.set(Word.RESUME_CHUNK + offset, value)
         try:
             self.sems = Semaphores(self.name, geometry.lanes, geometry.slots)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self._request_stop())
-            threading.Thread(target=self._read, args=(files,), name="ringload-reader", daemon=True).start()
+            threading.Thread(target=self._read, args=(files, start), name="ringload-reader", daemon=True).start()
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per producer; no fork-after-threads
             self.context = multiprocessing.get_context("spawn")
             self.files = files
@@ -155,10 +170,10 @@ class Daemon:
         log.info("ring %s: stopped and removed", self.name)
 
     # -- the reader thread -------------------------------------------------------------------
-    def _read(self, files: list[str]) -> None:
-        count = 0
+    def _read(self, files: list[str], start: tuple[int, int, int, int, int] | None) -> None:
+        count = start[0] if start else 0
         try:
-            for chunk in read_chunks(self.recipe.source, files, self.recipe.chunk_bytes, self.recipe.epochs):
+            for chunk in read_chunks(self.recipe.source, files, self.recipe.chunk_bytes, self.recipe.epochs, start):
                 while not self.stop_requested.is_set():
                     try:
                         self.chunks.put(chunk, timeout=HEARTBEAT_S)
@@ -233,7 +248,7 @@ class Daemon:
                 if chunk is None:
                     self._end_of_sources()
                     return
-                skip = 0
+                skip = self.first_skip[1] if chunk.id == self.first_skip[0] else 0
             try:
                 slot.conn.send_bytes(encode_chunk(chunk, skip))
             except OSError:
@@ -346,11 +361,13 @@ def clean_orphans() -> list[str]:
 
 
 def launch(recipe_path: str, name: str, producers: int | None = None, log_path: Path | None = None,
-           detach: bool = False, ready_timeout: float = 60.0) -> subprocess.Popen:
+           detach: bool = False, ready_timeout: float = 60.0, resume_path: str | None = None) -> subprocess.Popen:
     """Start ``ringload start`` in a child process and return once its ring is RUNNING."""
     command = [sys.executable, "-m", "ringload", "start", recipe_path, "--name", name]
     if producers:
         command += ["--producers", str(producers)]
+    if resume_path:
+        command += ["--resume", resume_path]
     log_path = log_path or log_file(name)
     with open(log_path, "ab") as out:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=detach)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -45,10 +46,12 @@ class RingHandle:
 
 
 def start(recipe: str | os.PathLike[str] | dict[str, Any] | Recipe, name: str | None = None,
-          producers: int | None = None, ready_timeout: float = 60.0) -> RingHandle:
+          producers: int | None = None, ready_timeout: float = 60.0,
+          resume: dict[str, Any] | None = None) -> RingHandle:
     """Start a daemon for ``recipe`` (a file, a mapping or a Recipe) and return once its ring is ready.
 
-    Relative paths in a mapping are taken relative to the current directory.
+    Relative paths in a mapping are taken relative to the current directory. ``resume``: a
+    ``Loader.state_dict()``; the stream continues right after the batch it was taken at.
     """
     if isinstance(recipe, Recipe):
         parsed = recipe
@@ -60,5 +63,10 @@ def start(recipe: str | os.PathLike[str] | dict[str, Any] | Recipe, name: str | 
     log_path = log_file(ring_name)
     recipe_path = log_path.with_suffix(".recipe.yaml")
     recipe_path.write_text(yaml.safe_dump(parsed.to_dict(), sort_keys=False))
-    process = launch(str(recipe_path), ring_name, producers, log_path=log_path, ready_timeout=ready_timeout)
+    resume_path = None
+    if resume is not None:
+        resume_path = log_path.with_suffix(".resume.json")
+        resume_path.write_text(json.dumps(resume))
+    process = launch(str(recipe_path), ring_name, producers, log_path=log_path, ready_timeout=ready_timeout,
+                     resume_path=str(resume_path) if resume_path else None)
     return RingHandle(ring_name, process, log_path)

@@ -12,8 +12,9 @@ Byte layout::
     64     daemon line (daemon writes, everyone reads)
            daemon_pid | heartbeat_ns | state | created_ns | end_chunk | batches_per_s (f64)
            | tokens_per_s (f64) | owner_uid
-    128    consumer line (the consumer writes, the daemon and CLI read)
+    128    consumer lines (the consumer writes, the daemon and CLI read)
            consumer_pid | next_chunk | next_index | delivered
+           | resume_chunk | resume_skip | resume_epoch | resume_file | resume_offset | resume_line
     256    schema: 8 entries x 64 bytes
            name 24s | dtype 8s (numpy str, e.g. "<i4") | ndim u32 | dims 3 x u32 | offset | nbytes
     768    last error: length u32 + UTF-8 text (ERROR_CAPACITY bytes)
@@ -94,6 +95,14 @@ class Word:
     NEXT_CHUNK = 17
     NEXT_INDEX = 18
     DELIVERED = 19
+    # The chunk of the last delivered batch, its batches delivered so far and where it starts
+    # in the sources: what a checkpoint needs to restart the stream right after that batch.
+    RESUME_CHUNK = 24
+    RESUME_SKIP = 25
+    RESUME_EPOCH = 26
+    RESUME_FILE = 27
+    RESUME_OFFSET = 28
+    RESUME_LINE = 29
 
 
 class SlotWord:

@@ -79,14 +79,25 @@ def expand_paths(source: Source) -> list[str]:
     return files
 
 
-def read_chunks(source: Source, files: list[str], chunk_bytes: int, epochs: int | None) -> Iterator[Chunk]:
-    """Yield the chunks of every file, epoch after epoch (forever if ``epochs`` is None)."""
-    chunk_id = itertools.count()
-    for epoch in itertools.count() if epochs is None else range(epochs):
-        for file_index, path in enumerate(files):
-            with fsspec.open(path, mode="rb", compression="infer", **source.storage_options) as stream:
+def read_chunks(source: Source, files: list[str], chunk_bytes: int, epochs: int | None,
+                start: tuple[int, int, int, int, int] | None = None) -> Iterator[Chunk]:
+    """Yield the chunks of every file, epoch after epoch (forever if ``epochs`` is None).
+
+    ``start`` = (chunk id, epoch, file index, byte offset, line) of a chunk this function yielded
+    before: reading resumes there, and the chunks that follow are the same as in a run from the top
+    (a chunk's end depends only on where it starts).
+    """
+    first_id, first_epoch, first_file, first_offset, first_line = start or (0, 0, 0, 0, 1)
+    chunk_id = itertools.count(first_id)
+    for epoch in itertools.count(first_epoch) if epochs is None else range(first_epoch, epochs):
+        for file_index in range(first_file if epoch == first_epoch else 0, len(files)):
+            resume_here = start is not None and epoch == first_epoch and file_index == first_file
+            with fsspec.open(files[file_index], mode="rb", compression="infer", **source.storage_options) as stream:
                 header = stream.readline() if source.format in ("csv", "tsv") else b""
                 offset, line = len(header), 1 + bool(header)
+                if resume_here:
+                    stream.seek(first_offset)
+                    offset, line = first_offset, first_line
                 while True:
                     payload = stream.read(chunk_bytes)
                     if not payload:

@@ -32,6 +32,9 @@ loop (the consumer: it only reads each batch's ``attention_mask``) and reports:
 * peak RSS (VmHWM) of the consumer and of every process below it (workers;
   for ringload its daemon, its producers and their resource tracker).
 
+Every row also shows ``other``: the share of the machine's CPU time that processes
+outside the benchmark used while it ran. On a shared machine, trust rows near 0%.
+
 ``TOKENIZERS_PARALLELISM`` defaults to false so that each process encodes on one
 thread and P is the parallelism of every contender. Loaders count the special
 tokens they deliver, the bound does not (about 5% more on KJV verses).
@@ -54,6 +57,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue
+import resource
 import signal
 import statistics
 import sys
@@ -133,6 +137,7 @@ class Result:
     consumer_peak_mb: float | None = None
     workers: list[Json] = field(default_factory=list)
     vs_bound: float | None = None
+    foreign_cpu: float | None = None  # share of the machine's CPU used by other work meanwhile
 
 
 # --- processes and memory -------------------------------------------------
@@ -190,16 +195,23 @@ def kill_tree(pid: int) -> None:
             os.kill(victim, signal.SIGKILL)
 
 
-def cpu_busy(interval: float = 1.0) -> float:
-    """Fraction of all CPUs busy over ``interval`` (from /proc/stat): other work skews results."""
-    def sample() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+def cpu_counters() -> tuple[float, float, float]:
+    """Seconds of (all CPUs' time, their busy time, CPU used by this process's reaped children).
 
-    total0, idle0 = sample()
-    time.sleep(interval)
-    total1, idle1 = sample()
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+    Children's CPU includes their own reaped descendants, so after a measurement has been
+    joined the last value covers its whole process tree.
+    """
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    hz = os.sysconf("SC_CLK_TCK")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = sum(fields) / hz
+    return total, total - (fields[3] + fields[4]) / hz, children.ru_utime + children.ru_stime
+
+
+def foreign_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Share of all CPU time between two ``cpu_counters`` readings used by other work."""
+    total, busy, ours = (b - a for a, b in zip(before, after, strict=True))
+    return max(0.0, busy - ours) / total if total > 0 else 0.0
 
 
 # --- corpus ---------------------------------------------------------------
@@ -472,12 +484,12 @@ def print_row(r: Result) -> None:
     print(f"{label}{_num(r.tokens_per_s, ',.0f'):>13}{_num(r.vs_bound, '.2f'):>8}"
           f"{_num(r.end_to_end_tokens_per_s, ',.0f'):>13}{_num(r.first_batch_s, '.2f'):>8}"
           f"{_num(r.next_us_mean, ',.0f'):>10}{_num(r.next_us_p50, ',.0f'):>9}"
-          f"{_num(r.consumer_peak_mb, ',.0f'):>10}{workers:>14}"
+          f"{_num(r.consumer_peak_mb, ',.0f'):>10}{workers:>14}{_num(r.foreign_cpu, '.0%'):>7}"
           f"{'  ' + r.error if r.error else ''}", flush=True)
 
 
 HEADER = (f"{'contender':<27}{'P':>3}{'tokens/s':>13}{'/bound':>8}{'e2e tok/s':>13}{'1st s':>8}"
-          f"{'next us':>10}{'p50 us':>9}{'cons MB':>10}{'procs x MB':>14}")
+          f"{'next us':>10}{'p50 us':>9}{'cons MB':>10}{'procs x MB':>14}{'other':>7}")
 
 
 def ringload_ratios(results: list[Result], producers: int) -> dict[str, float | None]:
@@ -543,10 +555,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     headline = args.producers[0]
-    busy = cpu_busy()
+    before = cpu_counters()
+    time.sleep(1.0)
+    busy = foreign_share(before, cpu_counters())
     if busy > 0.1:
-        print(f"warning: the CPUs are {busy:.0%} busy before the run; other work will lower "
-              f"and scatter the numbers", file=sys.stderr)
+        print(f"warning: other work keeps the CPUs {busy:.0%} busy; it will lower and scatter "
+              f"the numbers (column 'other': its share during each measurement)",
+              file=sys.stderr)
     tokenizer_path = fetch("bert-wordpiece") / "tokenizer.json"
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="ringload-bench-") as tmp:
@@ -562,7 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         for contender, producers in plan(args.producers, args.skip):
             job = Job(contender, producers, corpus, tokenizer_path, ENCODERS[args.encode],
                       args.seconds)
+            before = cpu_counters()
             result = tokenizer_bound(job) if contender == "tokenizer" else run_isolated(job)
+            result.foreign_cpu = foreign_share(before, cpu_counters())
             if contender == "tokenizer" and result.tokens_per_s:
                 bounds[producers] = result.tokens_per_s
             if result.tokens_per_s and producers in bounds:
@@ -585,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                        "settle_s": SETTLE_S, "skip": sorted(args.skip)},
             "environment": {"cpus": os.cpu_count(), "python": platform.python_version(),
                             "platform": platform.platform(),
-                            "cpu_busy_before": busy,
+                            "foreign_cpu_before": busy,
                             "TOKENIZERS_PARALLELISM": os.environ["TOKENIZERS_PARALLELISM"],
                             "packages": package_versions()},
             "corpus": {"bytes": corpus.nbytes, "docs": corpus.docs, "tokens": corpus.tokens},

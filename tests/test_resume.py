@@ -1,0 +1,69 @@
+"""Exact resume: a daemon started from a checkpoint continues with exactly the batches that follow it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import assert_same_stream, drain
+
+import ringload
+
+
+def take(name: str, n: int) -> tuple[list, dict]:
+    """Consume n batches (copied) and return them with the loader's checkpoint."""
+    batches = []
+    with ringload.connect(name) as loader:
+        for batch in loader:
+            batches.append({k: v.numpy().copy() for k, v in batch.items()})
+            if len(batches) == n:
+                break
+        state = loader.state_dict()
+    return batches, state
+
+
+@pytest.mark.parametrize("cut", [1, 7, 13, 30])
+def test_resume_continues_the_reference_stream(recipe_file, ring_name, cut):
+    """Batches before a checkpoint plus those of a daemon resumed from it equal the uninterrupted stream."""
+    recipe = recipe_file(epochs=2)
+    with ringload.start(recipe, name=ring_name):
+        reference = drain(ring_name)
+    with ringload.start(recipe, name=ring_name):
+        before, state = take(ring_name, cut)
+    json.dumps(state)  # a checkpoint is plain JSON
+    with ringload.start(recipe, name=ring_name, producers=3, resume=state):
+        after = drain(ring_name)
+    assert_same_stream(reference, before + after)
+
+
+def test_resume_at_a_chunk_boundary_via_the_cli(recipe_file, ring_name, tmp_path):
+    """A checkpoint taken right after a chunk's last batch resumes with the next chunk (`start --resume`)."""
+    recipe = recipe_file()
+    with ringload.start(recipe, name=ring_name):
+        reference = drain(ring_name)
+    with ringload.start(recipe, name=ring_name):
+        with ringload.connect(ring_name) as loader:
+            before = []
+            for batch in loader:
+                before.append({k: v.numpy().copy() for k, v in batch.items()})
+                if loader.next_index == 0:  # the batch just handed out ended its chunk
+                    break
+            state = loader.state_dict()
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    subprocess.run([sys.executable, "-m", "ringload", "start", str(recipe), "--name", ring_name, "--detach",
+                    "--resume", str(tmp_path / "state.json")], check=True, capture_output=True, timeout=60)
+    try:
+        after = drain(ring_name)
+    finally:
+        subprocess.run([sys.executable, "-m", "ringload", "stop", ring_name], check=True, capture_output=True)
+    assert_same_stream(reference, before + after)
+
+
+def test_state_from_another_stream_is_refused(recipe_file, ring_name):
+    """A checkpoint from a different seed or batch size is refused with a message naming what differs."""
+    with ringload.start(recipe_file(), name=ring_name):
+        _, state = take(ring_name, 3)
+    with pytest.raises(ringload.RingError, match=r"differs in batch_size \(8 then, 4 now\); seed \(7 then, 1 now\)"):
+        ringload.start(recipe_file(seed=1, batch_size=4), name=ring_name, resume=state)
