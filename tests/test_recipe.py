@@ -82,3 +82,33 @@ def test_cli_reports_a_bad_recipe_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "unknown key batch_sise" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_recipe_fuzz_never_escapes_as_another_error():
+    """Arbitrary YAML-shaped data either parses into a Recipe or raises RecipeError, never anything else."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=False),
+                        st.text(max_size=8))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6),
+                                                                                                  inner, max_size=3),
+                          max_leaves=8)
+    keys = st.sampled_from(["name", "source", "tokenizer", "task", "batch_size", "producers", "slots", "seed",
+                            "epochs", "chunk_bytes", "on_bad_record", "max_restarts", "bogus"])
+    task_keys = st.sampled_from(["type", "seq_len", "mask_prob", "pack", "labels", "num_labels", "document_mask"])
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.dictionaries(keys, values, max_size=6), st.dictionaries(task_keys, values, max_size=4),
+           st.sampled_from(["mlm", "clm", "classify", "multilabel", "x:y", 3]))
+    def check(top, task, task_type):
+        data = with_changes()
+        data.update(top)
+        if isinstance(data.get("task"), dict):
+            data["task"] = {**task, "type": task_type}
+        try:
+            parse_recipe(data)
+        except RecipeError:
+            pass
+
+    check()

@@ -68,6 +68,12 @@ def check_task_options(task: dict[str, Any], origin: str) -> dict[str, Any]:
         checked[key] = value
     if "seq_len" in checked and not 8 <= checked["seq_len"] <= 65536:
         raise RecipeError(f"{origin}: task.seq_len: must be 8..65536, got {checked['seq_len']}")
+    for role, token in checked.get("special_tokens", {}).items():
+        if role not in TokenizerInfo.ROLES or not isinstance(token, str):
+            raise RecipeError(f"{origin}: task.special_tokens: {role!r}: {token!r} must map one of "
+                              f"{', '.join(TokenizerInfo.ROLES)} to a token string")
+    if isinstance(checked.get("labels"), list) and not all(isinstance(n, (str, int)) for n in checked["labels"]):
+        raise RecipeError(f"{origin}: task.labels: must be a list of label names")
     cls.check_options(checked, origin)
     return checked
 
