@@ -1,9 +1,9 @@
 """The consumer: an in-process handle that hands out batches in stream order.
 
 The stream order is chunk order, and within a chunk, batch order. Producers finish chunks in
-whatever order their speed allows, so the consumer reorders: it holds at most one *head* per lane
-(a batch taken from the lane but not yet due) and delivers the batch ``(next_chunk, next_index)``
-from whichever lane has it. A lane's batches come out in the order it published them, which is
+whatever order their speed allows, so the consumer reorders: it keeps the batches it has taken
+from a lane but that are not yet due (its *heads*: one per lane, or up to ``prefetch`` on CUDA)
+and delivers the batch ``(next_chunk, next_index)`` from whichever lane has it. A lane's batches come out in the order it published them, which is
 chunk order, so the due batch is always at the front of some lane: no batch can be stuck behind
 another, and the lanes' slots are the reorder window.
 
@@ -56,7 +56,8 @@ class Loader:
         self._published = [ring.lane_word(p, LaneWord.PUBLISHED) for p in range(self._lanes)]
         self._taken_word = [ring.lane_word(p, LaneWord.TAKEN) for p in range(self._lanes)]
         self._released_word = [ring.lane_word(p, LaneWord.RELEASED) for p in range(self._lanes)]
-        self._views: dict[tuple[int, int], dict[str, Any]] = {}
+        self._views = [{k: torch.from_numpy(v) for k, v in ring.slot_arrays(lane, slot).items()}
+                       for lane in range(self._lanes) for slot in range(self._slots)]
         self._heads: dict[int, deque[tuple[int, int, int]]] = {}  # lane -> (seq, chunk, index) taken, not yet due
         self._in_hand: tuple[int, int] | None = None  # (lane, seq) of the batch last handed out
         self._last_lane = 0
@@ -77,7 +78,7 @@ class Loader:
     # -- attachment and recovery -------------------------------------------------------------
     def _claim(self) -> None:
         """Become the ring's consumer; take over the position of a dead predecessor."""
-        w, ring = self._words, self.ring
+        w = self._words
         holder = w[Word.CONSUMER_PID]
         if holder and holder != os.getpid() and pid_alive(holder):
             self.close()
@@ -112,7 +113,7 @@ class Loader:
         self.sems.free[lane].release()
 
     # -- iteration ---------------------------------------------------------------------------
-    def __iter__(self) -> "Loader":
+    def __iter__(self) -> Loader:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -232,13 +233,8 @@ class Loader:
             )
 
     def _tensors_cpu(self, lane: int, seq: int) -> dict[str, Any]:
-        """Torch views of the slot's arrays (built once per slot, then reused every lap)."""
-        key = (lane, seq % self._slots)
-        views = self._views.get(key)
-        if views is None:
-            views = {k: self._torch.from_numpy(v) for k, v in self.ring.slot_arrays(*key).items()}
-            self._views[key] = views
-        return views
+        """Torch views of the slot's arrays (built at connect, reused every lap)."""
+        return self._views[lane * self._slots + seq % self._slots]
 
     def _host_batch(self, lane: int, seq: int) -> dict[str, Any]:
         """The fields handed out, as views of the slot; trimmed to the longest row if asked."""
@@ -288,7 +284,7 @@ class Loader:
         self._words = None
         self.ring.close()
 
-    def __enter__(self) -> "Loader":
+    def __enter__(self) -> Loader:
         return self
 
     def __exit__(self, *exc: object) -> None:

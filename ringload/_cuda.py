@@ -29,7 +29,7 @@ CUDA_HOST_REGISTER_PORTABLE = 1
 class CudaStager:
     """Keeps ``prefetch`` batches in flight to the GPU for a :class:`Loader`."""
 
-    def __init__(self, loader: "Loader", prefetch: int):
+    def __init__(self, loader: Loader, prefetch: int):
         import torch
 
         self.torch = torch

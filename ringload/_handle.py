@@ -38,7 +38,7 @@ class RingHandle:
                 remove_ring(self.name)
         return self.process.returncode
 
-    def __enter__(self) -> "RingHandle":
+    def __enter__(self) -> RingHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -51,7 +51,7 @@ from collections.abc import Callable
 import posix_ipc
 
 from ._errors import RingError
-from ._layout import FLAG_LAST_IN_CHUNK, SlotWord, Ring
+from ._layout import FLAG_LAST_IN_CHUNK, Ring, SlotWord
 from ._names import doorbell_sem_name, filled_sem_name, free_sem_name
 
 

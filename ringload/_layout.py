@@ -204,7 +204,7 @@ class Ring:
 
     # -- creation and attachment -------------------------------------------------------------
     @classmethod
-    def create(cls, name: str, geometry: Geometry, recipe: dict[str, Any]) -> "Ring":
+    def create(cls, name: str, geometry: Geometry, recipe: dict[str, Any]) -> Ring:
         """Create the shared-memory object (0600), reserve its pages, and write the header."""
         geometry.check()
         recipe_json = json.dumps(recipe, sort_keys=True).encode()
@@ -254,7 +254,7 @@ class Ring:
         return ring
 
     @classmethod
-    def attach(cls, name: str) -> "Ring":
+    def attach(cls, name: str) -> Ring:
         """Map an existing ring after checking owner, mode and every offset in its header."""
         validate_name(name)
         try:

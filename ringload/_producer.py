@@ -23,8 +23,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ._layout import Ring, State
 from ._lanes import LaneWord, LaneWriter, Semaphores
+from ._layout import Ring, State
 from ._recipe import parse_recipe
 from ._sources import Chunk, parse_records
 from ._tasks import PendingBatch, build_task

@@ -56,7 +56,7 @@ class Recipe:
         data["source"]["paths"] = list(self.source.paths)
         return data
 
-    def replace(self, **changes: Any) -> "Recipe":
+    def replace(self, **changes: Any) -> Recipe:
         data = self.to_dict()
         data.update({k: v for k, v in changes.items() if v is not None})
         return parse_recipe(data)

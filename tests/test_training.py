@@ -21,7 +21,7 @@ def test_bert_masked_lm_loss_falls(recipe_file, ring_name):
     losses = []
     with ringload.start(recipe_file(epochs=None, batch_size=16), name=ring_name):
         with ringload.connect(ring_name) as loader:
-            for step, batch in zip(range(30), loader):
+            for _, batch in zip(range(30), loader):
                 loss = model(**batch).loss
                 optimizer.zero_grad()
                 loss.backward()
