@@ -33,6 +33,8 @@ class Source:
     field: str = "text"
     pair_field: str | None = None
     label_field: str | None = None
+    retries: int = 8  # HTTP(S): reconnections in a row before a read fails
+    timeout: float = 60.0  # HTTP(S): seconds without data before reconnecting
     storage_options: dict[str, Any] = dataclass_field(default_factory=dict)
 
 
@@ -111,11 +113,15 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
     label_field = _typed(src, "label_field", str, None, origin, "source.")
     if fmt == "text" and (pair_field or label_field):
         raise fail("source.format", "text files hold bare lines: use jsonl, csv or tsv for pairs and labels")
+    retries = _typed(src, "retries", int, 8, origin, "source.")
+    timeout = src.get("timeout", 60.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600 or retries < 0:
+        raise fail("source.timeout", "source.timeout must be 0 < seconds <= 3600 and source.retries >= 0")
     storage_options = src.get("storage_options") or {}
     if not isinstance(storage_options, dict):
         raise fail("source.storage_options", "must be a mapping")
     source = Source(tuple(_resolve(p, base_dir) for p in paths), fmt, field_name, pair_field, label_field,
-                    storage_options)
+                    retries, float(timeout), storage_options)
 
     task = data["task"]
     if not isinstance(task, dict) or "type" not in task:

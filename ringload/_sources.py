@@ -15,6 +15,7 @@ count of quote characters is even; every csv/tsv chunk carries the header line i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -24,8 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import fsspec.compression
+import fsspec.utils
 
 from ._errors import RecipeError
+from ._http import open_url
 from ._recipe import Source
 
 
@@ -92,11 +96,11 @@ def read_chunks(source: Source, files: list[str], chunk_bytes: int, epochs: int 
     for epoch in itertools.count(first_epoch) if epochs is None else range(first_epoch, epochs):
         for file_index in range(first_file if epoch == first_epoch else 0, len(files)):
             resume_here = start is not None and epoch == first_epoch and file_index == first_file
-            with fsspec.open(files[file_index], mode="rb", compression="infer", **source.storage_options) as stream:
+            with open_source(files[file_index], source) as stream:
                 header = stream.readline() if source.format in ("csv", "tsv") else b""
                 offset, line = len(header), 1 + bool(header)
                 if resume_here:
-                    stream.seek(first_offset)
+                    _skip_to(stream, first_offset, offset)
                     offset, line = first_offset, first_line
                 while True:
                     payload = stream.read(chunk_bytes)
@@ -106,6 +110,34 @@ def read_chunks(source: Source, files: list[str], chunk_bytes: int, epochs: int 
                     yield Chunk(next(chunk_id), epoch, file_index, offset, line, header + payload)
                     offset += len(payload)
                     line += payload.count(b"\n")
+
+
+@contextlib.contextmanager
+def open_source(path: str, source: Source) -> Iterator[Any]:
+    """A binary stream of the file's (decompressed) bytes; HTTP(S) reads resume after dropped connections."""
+    with contextlib.ExitStack() as stack:
+        if path.startswith(("http://", "https://")):
+            stream = stack.enter_context(open_url(path, source.retries, source.timeout))
+            compression = fsspec.utils.infer_compression(path)
+            if compression:
+                stream = stack.enter_context(fsspec.compression.compr[compression](stream, mode="rb"))
+            yield stream
+        else:
+            yield stack.enter_context(fsspec.open(path, mode="rb", compression="infer", **source.storage_options))
+
+
+def _skip_to(stream: Any, offset: int, position: int) -> None:
+    """Move a stream forward to ``offset``: seek where possible, else read and discard."""
+    try:
+        stream.seek(offset)
+        return
+    except (OSError, io.UnsupportedOperation):
+        pass
+    while position < offset:
+        skipped = stream.read(min(1 << 20, offset - position))
+        if not skipped:
+            raise EOFError(f"the source ended at byte {position}, before the checkpoint's byte {offset}")
+        position += len(skipped)
 
 
 def _complete_records(stream: Any, payload: bytes, quoted: bool) -> bytes:
