@@ -62,6 +62,9 @@ class Loader:
         self._in_hand: tuple[int, int] | None = None  # (lane, seq) of the batch last handed out
         self._last_lane = 0
         self._stager = None
+        recipe = ring.recipe()["recipe"]
+        self._skip_batches, self._max_batches = recipe.get("skip_batches", 0), recipe.get("max_batches")
+        self.epoch = 0  # the epoch of the last batch handed out
         fields = ring.geometry.fields
         self._handed = [f.name for f in fields if meta or not f.name.startswith("_")]
         seq_len = fields[0].shape[1] if len(fields[0].shape) > 1 else 0
@@ -117,8 +120,14 @@ class Loader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        if self._stager is not None:
-            return self._stager.next()
+        while True:
+            if self._max_batches is not None and self.delivered >= self._skip_batches + self._max_batches:
+                raise StopIteration
+            batch = self._stager.next() if self._stager is not None else self._next_on_cpu()
+            if self.delivered > self._skip_batches:  # the recipe's skip_batches are consumed unseen
+                return batch
+
+    def _next_on_cpu(self) -> dict[str, Any]:
         if self._in_hand is not None:
             self._release(*self._in_hand)
             self._in_hand = None
@@ -168,6 +177,7 @@ class Loader:
         if w[base + SlotWord.ROWS]:
             self.delivered += 1
             w[Word.DELIVERED] = self.delivered
+            self.epoch = w[base + SlotWord.EPOCH]
 
     def _find(self) -> tuple[int, int] | None:
         """Take lane heads until the due batch turns up; return its (lane, seq) or None."""

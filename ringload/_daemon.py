@@ -43,7 +43,7 @@ from ._names import list_ring_names, list_semaphore_rings, pid_alive, shm_name, 
 from ._producer import ERROR, WANT, encode_chunk, producer_main
 from ._recipe import Recipe
 from ._resume import check_state, stream_identity
-from ._sources import Chunk, expand_paths, read_chunks
+from ._sources import Chunk, Hooks, expand_paths, read_chunks
 from ._tasks import build_task
 
 HEARTBEAT_S = 0.25
@@ -97,6 +97,7 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self) -> int:
         files = expand_paths(self.recipe.source)
+        Hooks.load(self.recipe.source)  # a hook that does not import fails here, before any producer runs
         geometry = geometry_for(self.recipe)
         header_recipe = {"recipe": self.recipe.to_dict(), "files": files}
         start = None

@@ -26,7 +26,7 @@ from typing import Any
 from ._lanes import LaneWord, LaneWriter, Semaphores
 from ._layout import Ring, State
 from ._recipe import parse_recipe
-from ._sources import Chunk, parse_records
+from ._sources import Chunk, Hooks, parse_records
 from ._tasks import PendingBatch, build_task
 
 CHUNK_HEADER = struct.Struct("<qqqqqq")
@@ -55,6 +55,7 @@ class Producer:
         self.sems = Semaphores(ring_name, self.ring.geometry.lanes)
         self.writer = LaneWriter(self.ring, self.sems, lane)
         self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed)
+        self.hooks = Hooks.load(self.recipe.source)
         self.daemon_pid = os.getppid()
         self.bad_logged = 0
 
@@ -82,7 +83,7 @@ class Producer:
         """Publish the chunk's batches from index ``skip`` on; the last one carries the chunk-end flag."""
         path = self.files[chunk.file_index]
         unknown_before = self.task.labels_unknown
-        records, bad = parse_records(chunk, self.recipe.source, path, self.task.convert_label)
+        records, bad = parse_records(chunk, self.recipe.source, path, self.task.convert_label, self.hooks)
         if bad:
             self._report_bad(bad)
         self._stat(LaneWord.CURRENT_CHUNK, chunk.id)

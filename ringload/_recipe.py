@@ -7,6 +7,7 @@ type or an impossible value is a :class:`RecipeError` that names the key.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -19,6 +20,7 @@ from ._errors import RecipeError
 FORMATS = ("text", "jsonl", "cirrussearch", "csv", "tsv")
 DEFAULT_CHUNK_BYTES = 1 << 20
 ASSETS_ENV = "RINGLOAD_ASSETS"
+_HOOK = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
 
 def assets_dir() -> Path:
@@ -33,6 +35,9 @@ class Source:
     field: str = "text"
     pair_field: str | None = None
     label_field: str | None = None
+    text_unit: str = "line"  # text format: one example per line, or per blank-line-separated paragraph
+    filter: str | None = None  # module:function(record) -> bool, keeps a record when true
+    map: str | None = None  # module:function(record) -> record
     retries: int = 8  # HTTP(S): reconnections in a row before a read fails
     timeout: float = 60.0  # HTTP(S): seconds without data before reconnecting
     storage_options: dict[str, Any] = dataclass_field(default_factory=dict)
@@ -49,6 +54,8 @@ class Recipe:
     slots: int | None = None  # per producer; None = enough for two chunks of batches
     seed: int = 0
     epochs: int | None = None  # None = repeat the sources forever
+    skip_batches: int = 0  # the consumer starts after this many batches of the stream
+    max_batches: int | None = None  # the consumer stops after this many (after the skipped ones)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     on_bad_record: str = "skip"
     max_restarts: int = 3
@@ -113,6 +120,13 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
     label_field = _typed(src, "label_field", str, None, origin, "source.")
     if fmt == "text" and (pair_field or label_field):
         raise fail("source.format", "text files hold bare lines: use jsonl, csv or tsv for pairs and labels")
+    text_unit = _typed(src, "text_unit", str, "line", origin, "source.")
+    if text_unit not in ("line", "paragraph"):
+        raise fail("source.text_unit", f"must be line or paragraph, got {text_unit!r}")
+    hooks = {key: _typed(src, key, str, None, origin, "source.") for key in ("filter", "map")}
+    for key, spec in hooks.items():
+        if spec is not None and not _HOOK.match(spec):
+            raise fail(f"source.{key}", f"must name a function as module:function, got {spec!r}")
     retries = _typed(src, "retries", int, 8, origin, "source.")
     timeout = src.get("timeout", 60.0)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600 or retries < 0:
@@ -121,7 +135,7 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
     if not isinstance(storage_options, dict):
         raise fail("source.storage_options", "must be a mapping")
     source = Source(tuple(_resolve(p, base_dir) for p in paths), fmt, field_name, pair_field, label_field,
-                    retries, float(timeout), storage_options)
+                    text_unit, hooks["filter"], hooks["map"], retries, float(timeout), storage_options)
 
     task = data["task"]
     if not isinstance(task, dict) or "type" not in task:
@@ -145,6 +159,8 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         slots=_typed(data, "slots", int, None, origin),
         seed=_typed(data, "seed", int, 0, origin),
         epochs=_typed(data, "epochs", int, None, origin),
+        skip_batches=_typed(data, "skip_batches", int, 0, origin),
+        max_batches=_typed(data, "max_batches", int, None, origin),
         chunk_bytes=_typed(data, "chunk_bytes", int, DEFAULT_CHUNK_BYTES, origin),
         on_bad_record=_typed(data, "on_bad_record", str, "skip", origin),
         max_restarts=_typed(data, "max_restarts", int, 3, origin),
@@ -156,6 +172,8 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         (recipe.seed >= 0, "seed", "must be a non-negative integer"),
         (recipe.epochs is None or recipe.epochs >= 1, "epochs", "must be at least 1 (omit it to repeat forever)"),
         (recipe.chunk_bytes >= 1024, "chunk_bytes", "must be at least 1024"),
+        (recipe.skip_batches >= 0, "skip_batches", "must be >= 0"),
+        (recipe.max_batches is None or recipe.max_batches >= 1, "max_batches", "must be at least 1"),
         (recipe.on_bad_record in ("skip", "fail"), "on_bad_record", "must be skip or fail"),
         (recipe.max_restarts >= 0, "max_restarts", "must be >= 0"),
     ]

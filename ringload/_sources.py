@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import io
 import itertools
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +77,11 @@ def expand_paths(source: Source) -> list[str]:
     """The source's files in a fixed order: each pattern's matches sorted, patterns in recipe order."""
     files: list[str] = []
     for pattern in source.paths:
+        if "::" in pattern or not any(c in pattern for c in "*?["):
+            if "://" not in pattern and not os.path.exists(pattern):
+                raise RecipeError(f"source.paths: {pattern!r} matches no file")
+            files.append(pattern)  # a plain path or URL, or a chained URL that globbing would cut
+            continue
         opened = fsspec.open_files(pattern, mode="rb", **source.storage_options)
         matches = sorted(of.full_name for of in opened)
         if not matches:
@@ -106,7 +113,7 @@ def read_chunks(source: Source, files: list[str], chunk_bytes: int, epochs: int 
                     payload = stream.read(chunk_bytes)
                     if not payload:
                         break
-                    payload = _complete_records(stream, payload, quoted=source.format == "csv")
+                    payload = _complete_records(stream, payload, source)
                     yield Chunk(next(chunk_id), epoch, file_index, offset, line, header + payload)
                     offset += len(payload)
                     line += payload.count(b"\n")
@@ -140,27 +147,62 @@ def _skip_to(stream: Any, offset: int, position: int) -> None:
         position += len(skipped)
 
 
-def _complete_records(stream: Any, payload: bytes, quoted: bool) -> bytes:
+def _complete_records(stream: Any, payload: bytes, source: Source) -> bytes:
     """Extend a block to the end of its last record: records never span chunks."""
     if not payload.endswith(b"\n"):
         payload += stream.readline()
     # In csv a quoted field may hold newlines; a record ends at a newline after an even number of quotes.
-    while quoted and payload.count(b'"') % 2:
+    while source.format == "csv" and payload.count(b'"') % 2:
         more = stream.readline()
         if not more:
             break
         payload += more
+    # A paragraph ends at a blank line.
+    while source.format == "text" and source.text_unit == "paragraph" and payload.rstrip(b"\r\n").strip():
+        more = stream.readline()
+        payload += more
+        if not more or not more.strip():
+            break
     return payload
 
 
-def parse_records(chunk: Chunk, source: Source, path: str,
-                  convert_label: Callable[[Any], Any] | None = None) -> tuple[Records, list[BadRecord]]:
+@dataclass(frozen=True)
+class Hooks:
+    """The recipe's ``source.filter`` / ``source.map`` functions (``module:function``), imported."""
+
+    keep: Callable[[dict[str, Any]], bool] | None = None
+    change: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+    @classmethod
+    def load(cls, source: Source) -> "Hooks":
+        return cls(import_hook(source.filter, "source.filter"), import_hook(source.map, "source.map"))
+
+
+def import_hook(spec: str | None, key: str) -> Callable[..., Any] | None:
+    """Import ``module:function``; the only way recipes run user code."""
+    if spec is None:
+        return None
+    module_name, _, attribute = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise RecipeError(f"{key}: cannot import {spec!r}: {exc}") from None
+    if not callable(function):
+        raise RecipeError(f"{key}: {spec!r} is not callable")
+    return function
+
+
+def parse_records(chunk: Chunk, source: Source, path: str, convert_label: Callable[[Any], Any] | None = None,
+                  hooks: Hooks = Hooks()) -> tuple[Records, list[BadRecord]]:
     """Split a chunk into examples; records that cannot be read become ``BadRecord``s.
 
-    ``convert_label`` (from the task) turns a raw label into what the task stores, raising
-    ``ValueError`` for a label it cannot use, which makes the record bad.
+    ``hooks`` filter and rewrite each raw record (a dict) first. ``convert_label`` (from the task)
+    turns a raw label into what the task stores, raising ``ValueError`` for a label it cannot use,
+    which makes the record bad.
     """
     rows = _csv_rows(chunk, source, path) if source.format in ("csv", "tsv") else _line_rows(chunk, source)
+    if hooks.keep or hooks.change:
+        rows = _hooked(rows, hooks)
     wants_pair, wants_label = source.pair_field is not None, source.label_field is not None
     records = Records(pairs=[] if wants_pair else None, labels=[] if wants_label else None)
     bad: list[BadRecord] = []
@@ -189,6 +231,21 @@ def parse_records(chunk: Chunk, source: Source, path: str,
     return records, bad
 
 
+def _hooked(rows: Iterator[tuple[int, Any]], hooks: Hooks) -> Iterator[tuple[int, Any]]:
+    for number, row in rows:
+        if isinstance(row, dict):
+            try:
+                if hooks.keep and not hooks.keep(row):
+                    row = None
+                elif hooks.change:
+                    row = hooks.change(row)
+                    if not isinstance(row, dict):
+                        row = f"source.map returned a {type(row).__name__}, not a record (dict)"
+            except Exception as exc:  # user code: its failure makes this record bad, not the run
+                row = f"a source hook raised {type(exc).__name__}: {exc}"
+        yield number, row
+
+
 def _text_of(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
     if not isinstance(value, str):
@@ -204,6 +261,9 @@ def _line_rows(chunk: Chunk, source: Source) -> Iterator[tuple[int, dict[str, An
     lines = chunk.payload.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()
+    if source.format == "text" and source.text_unit == "paragraph":
+        yield from _paragraphs(lines, chunk.line, source.field)
+        return
     for number, raw in enumerate(lines, chunk.line):
         if not raw.strip():
             yield number, None  # blank lines separate nothing in these formats; they are not examples
@@ -227,6 +287,23 @@ def _line_rows(chunk: Chunk, source: Source) -> Iterator[tuple[int, dict[str, An
             yield number, None  # the bulk action line before each document
         else:
             yield number, obj
+
+
+def _paragraphs(lines: list[bytes], first: int, field_name: str) -> Iterator[tuple[int, dict[str, Any] | str | None]]:
+    """Blank-line-separated paragraphs, each one example (its lines joined by newlines)."""
+    start, block = first, []
+    for number, raw in enumerate([*lines, b""], first):
+        if raw.strip():
+            if not block:
+                start = number
+            block.append(raw.rstrip(b"\r"))
+            continue
+        if block:
+            try:
+                yield start, {field_name: b"\n".join(block).decode("utf-8")}
+            except UnicodeDecodeError as exc:
+                yield start, f"invalid UTF-8 at byte {exc.start} of the paragraph"
+            block = []
 
 
 def _csv_rows(chunk: Chunk, source: Source, path: str) -> Iterator[tuple[int, dict[str, Any] | str | None]]:

@@ -45,7 +45,7 @@ def batch_digest(batch: dict[str, Any]) -> str:
 
 # The consumer subprocess of the consumer-kill test: one line "<delivered> <digest>" per batch,
 # written and flushed before it asks for the next batch, then "END" after the last one.
-CONSUMER_CHILD = "import hashlib, sys, time\nimport ringload\n\n" + textwrap.dedent(inspect.getsource(batch_digest)) + """
+CONSUMER_CHILD = "from typing import Any\nimport hashlib, sys, time\nimport ringload\n\n" + textwrap.dedent(inspect.getsource(batch_digest)) + """
 
 name, out_path, pace = sys.argv[1], sys.argv[2], float(sys.argv[3])
 with open(out_path, "w") as out, ringload.connect(name, timeout=30) as loader:
@@ -223,6 +223,7 @@ def test_consumer_sigkills_lose_only_the_batch_in_hand(recipe_file, ring_name, t
                 assert missing in (0, 1) and (missing == 0 or code != 0), (
                     f"{where}: the ring counts {now} delivered, the child recorded up to {delivered + len(lines)}")
                 lost, delivered = lost + missing, now
+                assert code == 0 or run <= kills, f"{where}: the last consumer failed"
                 if code == 0:
                     assert ended and delivered == total, f"{where}: ended at {delivered} of {total} batches"
                     break
@@ -254,7 +255,8 @@ def test_daemon_sigkill_raises_daemongone_and_a_resumed_daemon_completes_the_str
                 os.kill(handle.pid, signal.SIGKILL)
                 killed_at = time.monotonic()
                 try:
-                    got += [batch_digest(batch) for batch in loader]
+                    for batch in loader:
+                        got.append(batch_digest(batch))
                     outcome = "end of stream"  # every remaining batch had been published before the kill
                 except ringload.DaemonGone:
                     outcome = "DaemonGone"

@@ -1,0 +1,68 @@
+"""Stream operations: skip/max batches, epochs visible to the consumer, paragraphs, hooks, archives."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from conftest import assert_same_stream, drain, make_texts
+
+import ringload
+from ringload._recipe import Source
+from ringload._sources import Chunk, Hooks, parse_records
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_skip_and_max_batches_cut_the_stream(recipe_file, ring_name):
+    """skip_batches and max_batches select exactly that window of the uninterrupted stream."""
+    with ringload.start(recipe_file(), name=ring_name):
+        reference = drain(ring_name)
+    with ringload.start(recipe_file(skip_batches=5, max_batches=17), name=ring_name):
+        window = drain(ring_name)
+    assert_same_stream(reference[5:22], window)
+
+
+def test_epoch_boundaries_are_visible(recipe_file, ring_name):
+    """loader.epoch tells which pass over the sources the last batch came from."""
+    with ringload.start(recipe_file(epochs=2), name=ring_name), ringload.connect(ring_name) as loader:
+        epochs = [loader.epoch for _ in loader]
+    assert epochs[0] == 0 and epochs[-1] == 1 and epochs == sorted(epochs)
+
+
+def test_paragraph_text_unit(tmp_path):
+    """text_unit: paragraph makes each blank-line-separated block one example, never split across chunks."""
+    from ringload._sources import read_chunks
+
+    paragraphs = ["\n".join(make_texts(3, seed=i)) for i in range(300)]
+    path = tmp_path / "p.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    source = Source((str(path),), "text", text_unit="paragraph")
+    texts = []
+    for chunk in read_chunks(source, [str(path)], 2048, 1):
+        texts += parse_records(chunk, source, str(path))[0].texts
+    assert texts == paragraphs
+
+
+def test_filter_and_map_hooks(monkeypatch):
+    """source.filter drops records, source.map rewrites them; a hook that raises makes that record bad."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    source = Source(("x",), "jsonl", filter="hooks_example:long_enough", map="hooks_example:shout")
+    texts = make_texts(50)
+    lines = [json.dumps({"text": t}) for t in texts] + [json.dumps({"text": " ".join(["w"] * 30), "explode": 1})]
+    chunk = Chunk(0, 0, 0, 0, 1, ("\n".join(lines) + "\n").encode())
+    records, bad = parse_records(chunk, source, "x", hooks=Hooks.load(source))
+    assert records.texts == [t.upper() for t in texts if len(t.split()) >= 20]
+    assert len(bad) == 1 and "raised ValueError: boom" in bad[0].reason and bad[0].line == 51
+
+
+def test_member_of_a_zip_archive(recipe_file, ring_name, corpus, tmp_path):
+    """A chained fsspec URL (zip://member::archive) streams the member like the plain file."""
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as archive:
+        archive.write(corpus["jsonl"], "inner/corpus.jsonl")
+    with ringload.start(recipe_file(), name=ring_name):
+        reference = drain(ring_name)
+    url = f"zip://inner/corpus.jsonl::{tmp_path / 'data.zip'}"
+    with ringload.start(recipe_file(source={"paths": [url]}), name=ring_name):
+        assert_same_stream(reference, drain(ring_name))
