@@ -73,8 +73,12 @@ def default_slots(recipe: Recipe, fields: list[Field]) -> int:
 
 def geometry_for(recipe: Recipe) -> Geometry:
     fields = build_task(recipe.task, recipe.tokenizer, recipe.batch_size, recipe.seed).fields()
-    slots = recipe.slots or default_slots(recipe, fields)
-    return Geometry(recipe.producers, slots, recipe.batch_size, tuple(fields))
+    suggested = default_slots(recipe, fields)
+    if recipe.slots is not None and recipe.slots < suggested // 2:
+        log.warning("slots: %d per producer holds less than one chunk of batches (about %d); producers will wait "
+                    "on each other to keep the stream in order: raise slots or lower chunk_bytes",
+                    recipe.slots, suggested // 2)
+    return Geometry(recipe.producers, recipe.slots or suggested, recipe.batch_size, tuple(fields))
 
 
 class Daemon:
@@ -91,6 +95,8 @@ class Daemon:
         self.chunks_read: int | None = None  # total number of chunks, once the sources are exhausted
         self.wake_r, self.wake_w = os.pipe()
         self.producers: list[ProducerSlot] = []
+        self.files: list[str] = []
+        self.context = multiprocessing.get_context("spawn")
         self.ring: Ring | None = None
         self.sems: Semaphores | None = None
 
@@ -119,7 +125,6 @@ class Daemon:
                 signal.signal(sig, lambda *_: self._request_stop())
             threading.Thread(target=self._read, args=(files, start), name="ringload-reader", daemon=True).start()
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per producer; no fork-after-threads
-            self.context = multiprocessing.get_context("spawn")
             self.files = files
             self.producers = [ProducerSlot(lane) for lane in range(geometry.lanes)]
             for slot in self.producers:
