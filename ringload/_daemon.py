@@ -179,7 +179,9 @@ class Daemon:
     def _read(self, files: list[str], start: tuple[int, int, int, int, int] | None) -> None:
         count = start[0] if start else 0
         try:
-            for chunk in read_chunks(self.recipe.source, files, self.recipe.chunk_bytes, self.recipe.epochs, start):
+            skip_broken = self._count_source_error if self.recipe.on_bad_record == "skip" else None
+            for chunk in read_chunks(self.recipe.source, files, self.recipe.chunk_bytes, self.recipe.epochs, start,
+                                     skip_broken):
                 while not self.stop_requested.is_set():
                     try:
                         self.chunks.put(chunk, timeout=HEARTBEAT_S)
@@ -190,11 +192,15 @@ class Daemon:
                     return
                 count += 1
                 os.write(self.wake_w, b"c")
-        except Exception as exc:  # any failure to read a source fails the ring with its cause
-            self.reader_error = f"reading the sources failed after chunk {count - 1}: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # any other failure to read a source fails the ring with its cause
+            self.reader_error = f"reading the sources failed after chunk {count - 1}: {exc}"
         self.chunks_read = count
         self.chunks.put(None)
         os.write(self.wake_w, b"e")
+
+    def _count_source_error(self, error: Exception) -> None:
+        self.ring.set(Word.SOURCE_ERRORS, self.ring.get(Word.SOURCE_ERRORS) + 1)
+        log.warning("ring %s: %s; skipped the rest of that file (on_bad_record: skip)", self.name, error)
 
     # -- the main loop -----------------------------------------------------------------------
     def _serve(self) -> None:

@@ -15,6 +15,7 @@ Byte layout::
     128    consumer lines (the consumer writes, the daemon and CLI read)
            consumer_pid | next_chunk | next_index | delivered
            | resume_chunk | resume_skip | resume_epoch | resume_file | resume_offset | resume_line
+           | source_errors (the daemon: files it could not read to the end)
     256    schema: 8 entries x 64 bytes
            name 24s | dtype 8s (numpy str, e.g. "<i4") | ndim u32 | dims 3 x u32 | offset | nbytes
     768    last error: length u32 + UTF-8 text (ERROR_CAPACITY bytes)
@@ -103,6 +104,7 @@ class Word:
     RESUME_FILE = 27
     RESUME_OFFSET = 28
     RESUME_LINE = 29
+    SOURCE_ERRORS = 30
 
 
 class SlotWord:

@@ -31,7 +31,7 @@ import fsspec.compression
 import fsspec.utils
 
 from ._errors import RecipeError
-from ._http import open_url
+from ._http import RemoteReadError, open_url
 from ._recipe import Source
 
 
@@ -90,33 +90,49 @@ def expand_paths(source: Source) -> list[str]:
     return files
 
 
+class SourceError(OSError):
+    """A file could not be read to its end; the message names the file and the byte offset."""
+
+
 def read_chunks(source: Source, files: list[str], chunk_bytes: int, epochs: int | None,
-                start: tuple[int, int, int, int, int] | None = None) -> Iterator[Chunk]:
+                start: tuple[int, int, int, int, int] | None = None,
+                on_error: Callable[[SourceError], None] | None = None) -> Iterator[Chunk]:
     """Yield the chunks of every file, epoch after epoch (forever if ``epochs`` is None).
 
     ``start`` = (chunk id, epoch, file index, byte offset, line) of a chunk this function yielded
     before: reading resumes there, and the chunks that follow are the same as in a run from the top
-    (a chunk's end depends only on where it starts).
+    (a chunk's end depends only on where it starts). A file that breaks off (truncated or corrupt
+    compression, unreadable) raises ``SourceError``, or, given ``on_error``, is reported to it and
+    the rest of that file skipped.
     """
     first_id, first_epoch, first_file, first_offset, first_line = start or (0, 0, 0, 0, 1)
     chunk_id = itertools.count(first_id)
     for epoch in itertools.count(first_epoch) if epochs is None else range(first_epoch, epochs):
         for file_index in range(first_file if epoch == first_epoch else 0, len(files)):
             resume_here = start is not None and epoch == first_epoch and file_index == first_file
-            with open_source(files[file_index], source) as stream:
-                header = stream.readline() if source.format in ("csv", "tsv") else b""
-                offset, line = len(header), 1 + bool(header)
-                if resume_here:
-                    _skip_to(stream, first_offset, offset)
-                    offset, line = first_offset, first_line
-                while True:
-                    payload = stream.read(chunk_bytes)
-                    if not payload:
-                        break
-                    payload = _complete_records(stream, payload, source)
-                    yield Chunk(next(chunk_id), epoch, file_index, offset, line, header + payload)
-                    offset += len(payload)
-                    line += payload.count(b"\n")
+            offset = 0
+            try:
+                with open_source(files[file_index], source) as stream:
+                    header = stream.readline() if source.format in ("csv", "tsv") else b""
+                    offset, line = len(header), 1 + bool(header)
+                    if resume_here:
+                        _skip_to(stream, first_offset, offset)
+                        offset, line = first_offset, first_line
+                    while True:
+                        payload = stream.read(chunk_bytes)
+                        if not payload:
+                            break
+                        payload = _complete_records(stream, payload, source)
+                        yield Chunk(next(chunk_id), epoch, file_index, offset, line, header + payload)
+                        offset += len(payload)
+                        line += payload.count(b"\n")
+            except RemoteReadError:
+                raise  # the network gave out: retrying is exhausted, nothing to skip to
+            except Exception as exc:  # truncated gzip, corrupt bz2, a file gone missing...
+                error = SourceError(f"{files[file_index]}: unreadable after byte {offset}: {type(exc).__name__}: {exc}")
+                if on_error is None:
+                    raise error from exc
+                on_error(error)
 
 
 @contextlib.contextmanager

@@ -51,6 +51,7 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
         "consumer_pid": get(Word.CONSUMER_PID) or None,
         "position": {"chunk": get(Word.NEXT_CHUNK), "index": get(Word.NEXT_INDEX), "delivered": get(Word.DELIVERED)},
         "end_chunk": end if end >= 0 else None,
+        "source_errors": get(Word.SOURCE_ERRORS),
         "geometry": {
             "lanes": g.lanes, "slots_per_lane": g.slots, "batch_size": g.batch_size, "bytes": ring.total_size,
             "fields": [{"name": f.name, "dtype": np.dtype(f.dtype).name, "shape": list(f.shape)} for f in g.fields],

@@ -6,6 +6,7 @@ import json
 import zipfile
 from pathlib import Path
 
+import pytest
 from conftest import assert_same_stream, drain, make_texts
 
 import ringload
@@ -66,3 +67,19 @@ def test_member_of_a_zip_archive(recipe_file, ring_name, corpus, tmp_path):
     url = f"zip://inner/corpus.jsonl::{tmp_path / 'data.zip'}"
     with ringload.start(recipe_file(source={"paths": [url]}), name=ring_name):
         assert_same_stream(reference, drain(ring_name))
+
+
+def test_truncated_gzip_is_skipped_or_fails_by_policy(recipe_file, ring_name, corpus, tmp_path):
+    """A truncated .gz is skipped and counted under on_bad_record: skip, and fails the ring under fail."""
+    whole = corpus["gz"].read_bytes()
+    (tmp_path / "a.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "b.jsonl.gz").write_bytes(whole)
+    paths = {"paths": [str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.jsonl.gz")]}
+    with ringload.start(recipe_file(source=paths, chunk_bytes=1 << 24), name=ring_name):
+        got = drain(ring_name)
+        assert ringload.ring_status(ring_name)["source_errors"] == 1
+    with ringload.start(recipe_file(chunk_bytes=1 << 24), name=ring_name):
+        assert_same_stream(drain(ring_name), got)  # the broken file yielded no whole chunk; b is complete
+    with ringload.start(recipe_file(source=paths, on_bad_record="fail"), name=ring_name):
+        with pytest.raises(ringload.ProducerFailed, match=r"a\.jsonl\.gz: unreadable after byte \d+: EOFError"):
+            drain(ring_name)
