@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 Batch = dict[str, torch.Tensor]
 Opener = Callable[[], AbstractContextManager[Iterator[Batch]]]
 
+
 def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, mask_prob: float,
                 mask_id: int, vocab_size: int, special_ids: Sequence[int]) -> np.ndarray:
     """Apply BERT 80/10/10 masking to ``ids`` in place and return the labels (-100 = not chosen)."""

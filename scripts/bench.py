@@ -39,7 +39,7 @@ outside the benchmark used while it ran. On a shared machine, trust rows near 0%
 thread and P is the parallelism of every contender. Loaders count the special
 tokens they deliver, the bound does not (about 5% more on KJV verses).
 
-Run from the repository root (assets are fetched on first use; about 2.5 minutes
+Run from the repository root (assets are fetched on first use; about 2 minutes
 on 2 cores with the defaults)::
 
     python scripts/bench.py                          # P=2, 100 MB, 20 s per contender
@@ -258,9 +258,9 @@ def _encode_worker(rank: int, job: Job, barrier: Any, results: Any) -> None:
     with job.corpus.path.open(encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for i, line in enumerate(f)
                  if i % job.producers == rank]
+    encode = getattr(tokenizer, job.encode)
     barrier.wait()  # time encoding only, not interpreter start-up or reading
     start = time.perf_counter()
-    encode = getattr(tokenizer, job.encode)
     tokens = 0
     for i in range(0, len(texts), ENCODE_CHUNK):
         encodings = encode(texts[i:i + ENCODE_CHUNK], add_special_tokens=False)
