@@ -56,8 +56,7 @@ class Loader:
         self._published = [ring.lane_word(p, LaneWord.PUBLISHED) for p in range(self._lanes)]
         self._taken_word = [ring.lane_word(p, LaneWord.TAKEN) for p in range(self._lanes)]
         self._released_word = [ring.lane_word(p, LaneWord.RELEASED) for p in range(self._lanes)]
-        self._views = [{k: torch.from_numpy(v) for k, v in ring.slot_arrays(lane, slot).items()}
-                       for lane in range(self._lanes) for slot in range(self._slots)]
+        self._views: list[dict[str, Any] | None] = [None] * (self._lanes * self._slots)
         self._heads: dict[int, deque[tuple[int, int, int]]] = {}  # lane -> (seq, chunk, index) taken, not yet due
         self._in_hand: tuple[int, int] | None = None  # (lane, seq) of the batch last handed out
         self._last_lane = 0
@@ -243,8 +242,13 @@ class Loader:
             )
 
     def _tensors_cpu(self, lane: int, seq: int) -> dict[str, Any]:
-        """Torch views of the slot's arrays (built at connect, reused every lap)."""
-        return self._views[lane * self._slots + seq % self._slots]
+        """Torch views of the slot's arrays (built on the slot's first use, reused every lap)."""
+        index = lane * self._slots + seq % self._slots
+        views = self._views[index]
+        if views is None:
+            arrays = self.ring.slot_arrays(lane, seq % self._slots)
+            views = self._views[index] = {k: self._torch.from_numpy(v) for k, v in arrays.items()}
+        return views
 
     def _host_batch(self, lane: int, seq: int) -> dict[str, Any]:
         """The fields handed out, as views of the slot; trimmed to the longest row if asked."""
