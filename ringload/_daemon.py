@@ -93,6 +93,7 @@ class Daemon:
         self.chunks: queue.Queue[Chunk | None] = queue.Queue(maxsize=2 * recipe.producers + 2)
         self.reader_error: str | None = None
         self.chunks_read: int | None = None  # total number of chunks, once the sources are exhausted
+        self.sources_done = False  # the reader's end marker has been taken from the queue
         self.wake_r, self.wake_w = os.pipe()
         self.producers: list[ProducerSlot] = []
         self.files: list[str] = []
@@ -247,19 +248,22 @@ class Daemon:
             self.ring.fail(message[len(ERROR):].decode(errors="replace"))
 
     def _dispatch(self) -> None:
+        """Give every idle producer its next chunk: first any chunk a dead predecessor left, else the next one read."""
         for slot in self.producers:
             if not slot.idle:
                 continue
             if slot.redo:
                 chunk, skip = slot.redo.pop(0)
+            elif self.sources_done:
+                continue
             else:
                 try:
                     chunk = self.chunks.get_nowait()
                 except queue.Empty:
-                    return
+                    continue
                 if chunk is None:
                     self._end_of_sources()
-                    return
+                    continue
                 skip = self.first_skip[1] if chunk.id == self.first_skip[0] else 0
             try:
                 slot.conn.send_bytes(encode_chunk(chunk, skip))
@@ -267,19 +271,17 @@ class Daemon:
                 slot.redo.insert(0, (chunk, skip))  # it died meanwhile; its replacement gets it
                 continue
             slot.chunk, slot.idle = chunk, False
+        if self.sources_done and self.ring.state == State.RUNNING and all(s.idle and not s.redo for s in self.producers):
+            self.ring.set_state(State.FINISHED)
 
     def _end_of_sources(self) -> None:
-        self.chunks.put(None)  # keep the marker for the next idle producer
+        self.sources_done = True
         if self.reader_error:
             self.ring.fail(self.reader_error)
             return
-        if self.ring.get(Word.END_CHUNK) < 0:
-            end = self.chunks_read
-            self.ring.set(Word.END_CHUNK, end)
-            self.sems.doorbell.release()
-            log.info("ring %s: all %d chunks read", self.name, end)
-        if all(s.idle and not s.redo for s in self.producers):
-            self.ring.set_state(State.FINISHED)
+        self.ring.set(Word.END_CHUNK, self.chunks_read)
+        self.sems.doorbell.release()
+        log.info("ring %s: all %d chunks read", self.name, self.chunks_read)
 
     def _on_exit(self, slot: ProducerSlot) -> None:
         slot.process.join()
