@@ -24,13 +24,11 @@ from typing import Any
 
 from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RingError
 from ._lanes import LaneWord, Semaphores, acquire
-from ._layout import FLAG_LAST_IN_CHUNK, Ring, SlotWord, State, Word
+from ._layout import FLAG_LAST_IN_CHUNK, Position, Ring, SlotWord, State, Word, read_position, write_position
 from ._names import pid_alive
 from ._resume import STATE_FORMAT, stream_identity
 
 POLL_S = 0.1
-_CURSOR_WORDS = ((Word.RESUME_EPOCH, SlotWord.EPOCH), (Word.RESUME_FILE, SlotWord.FILE_INDEX),
-                 (Word.RESUME_OFFSET, SlotWord.CHUNK_OFFSET), (Word.RESUME_LINE, SlotWord.CHUNK_LINE))
 HEARTBEAT_TIMEOUT_S = 5.0
 
 
@@ -61,7 +59,7 @@ class Loader:
         self._in_hand: tuple[int, int] | None = None  # (lane, seq) of the batch last handed out
         self._last_lane = 0
         self._stager = None
-        recipe = ring.recipe()["recipe"]
+        recipe = ring.recipe().get("recipe", {})
         self._skip_batches, self._max_batches = recipe.get("skip_batches", 0), recipe.get("max_batches")
         self.epoch = 0  # the epoch of the last batch handed out
         fields = ring.geometry.fields
@@ -86,7 +84,9 @@ class Loader:
             self.close()
             raise RingError(f"ring {self.name!r} already has a consumer (pid {holder}); a ring serves one consumer")
         w[Word.CONSUMER_PID] = os.getpid()
-        self.next_chunk, self.next_index, self.delivered = w[Word.NEXT_CHUNK], w[Word.NEXT_INDEX], w[Word.DELIVERED]
+        self.position = read_position(w)
+        self.next_chunk, self.next_index, self.delivered = (self.position.next_chunk, self.position.next_index,
+                                                            self.position.delivered)
         self._search = (self.next_chunk, self.next_index)  # the next batch to look for
         self._taken = [w[i] for i in self._taken_word]
         self._released = [w[i] for i in self._released_word]
@@ -169,14 +169,13 @@ class Loader:
             self.next_chunk, self.next_index = chunk + 1, 0
         else:
             self.next_chunk, self.next_index = chunk, index + 1
-        w[Word.NEXT_CHUNK], w[Word.NEXT_INDEX] = self.next_chunk, self.next_index
-        w[Word.RESUME_CHUNK], w[Word.RESUME_SKIP] = chunk, index + 1
-        for word, slot_word in _CURSOR_WORDS:
-            w[word] = w[base + slot_word]
         if w[base + SlotWord.ROWS]:
             self.delivered += 1
-            w[Word.DELIVERED] = self.delivered
             self.epoch = w[base + SlotWord.EPOCH]
+        cursor = (chunk, index + 1, w[base + SlotWord.EPOCH], w[base + SlotWord.FILE_INDEX],
+                  w[base + SlotWord.CHUNK_OFFSET], w[base + SlotWord.CHUNK_LINE])
+        self.position = Position(self.next_chunk, self.next_index, self.delivered, cursor)
+        write_position(w, self.position)
 
     def _find(self) -> tuple[int, int] | None:
         """Take lane heads until the due batch turns up; return its (lane, seq) or None."""
@@ -277,8 +276,7 @@ class Loader:
             "stream": stream_identity(self.ring.recipe()),
             "delivered": self.delivered,
             "next": [self.next_chunk, self.next_index],
-            "resume": [w[Word.RESUME_CHUNK], w[Word.RESUME_SKIP], w[Word.RESUME_EPOCH], w[Word.RESUME_FILE],
-                       w[Word.RESUME_OFFSET], w[Word.RESUME_LINE]],
+            "resume": list(self.position.resume),
         }
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ import posix_ipc
 
 from ._errors import RingError
 from ._lanes import STAT_WORDS, LaneWord, Semaphores, last_published, repair_after_producer_death, unlink_semaphores
-from ._layout import Field, Geometry, Ring, State, Word
+from ._layout import Field, Geometry, Position, Ring, State, Word, write_position
 from ._names import list_ring_names, list_semaphore_rings, pid_alive, shm_name, validate_name
 from ._producer import ERROR, WANT, encode_chunk, producer_main
 from ._recipe import Recipe
@@ -116,10 +116,7 @@ class Daemon:
         reclaim_if_dead(self.name)
         self.ring = Ring.create(self.name, geometry, header_recipe)
         if start is not None:
-            for word, value in zip((Word.NEXT_CHUNK, Word.NEXT_INDEX, Word.DELIVERED), (*position, delivered)):
-                self.ring.set(word, value)
-            for offset, value in enumerate(cursor):
-                self.ring.set(Word.RESUME_CHUNK + offset, value)
+            write_position(self.ring.words, Position(position[0], position[1], delivered, cursor))
         try:
             self.sems = Semaphores(self.name, geometry.lanes, geometry.slots)
             for sig in (signal.SIGTERM, signal.SIGINT):

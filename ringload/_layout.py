@@ -13,10 +13,11 @@ Byte layout::
            daemon_pid | heartbeat_ns | state | created_ns | end_chunk | batches_per_s (f64)
            | tokens_per_s (f64) | owner_uid
     128    consumer lines (the consumer writes, the daemon and CLI read)
-           consumer_pid | next_chunk | next_index | delivered
-           | resume_chunk | resume_skip | resume_epoch | resume_file | resume_offset | resume_line
-           | source_errors (the daemon: files it could not read to the end)
-    256    schema: 8 entries x 64 bytes
+           consumer_pid | position_generation | position record 0 (9 words) | position record 1 (9 words)
+           a position record: next_chunk | next_index | delivered | resume_chunk | resume_skip
+           | resume_epoch | resume_file | resume_offset | resume_line
+    288    source_errors (the daemon: files it could not read to the end)
+    320    schema: 8 entries x 64 bytes
            name 24s | dtype 8s (numpy str, e.g. "<i4") | ndim u32 | dims 3 x u32 | offset | nbytes
     768    last error: length u32 + UTF-8 text (ERROR_CAPACITY bytes)
     1792   recipe: length u32 + JSON text of the resolved recipe (up to the header's end)
@@ -57,12 +58,12 @@ from ._errors import RingError
 from ._names import shm_name, validate_name
 
 MAGIC = b"RINGLOAD"
-VERSION = 1
+VERSION = 2
 LINE = 64
 MAX_FIELDS = 8
 MAX_LANES = 256
 MAX_SLOTS = 1 << 16
-SCHEMA_OFFSET = 256
+SCHEMA_OFFSET = 320
 ERROR_OFFSET = SCHEMA_OFFSET + MAX_FIELDS * LINE
 ERROR_CAPACITY = 1020
 RECIPE_OFFSET = ERROR_OFFSET + 4 + ERROR_CAPACITY
@@ -93,18 +94,9 @@ class Word:
     TOKENS_PER_S = 14  # float64 bits
     OWNER_UID = 15
     CONSUMER_PID = 16
-    NEXT_CHUNK = 17
-    NEXT_INDEX = 18
-    DELIVERED = 19
-    # The chunk of the last delivered batch, its batches delivered so far and where it starts
-    # in the sources: what a checkpoint needs to restart the stream right after that batch.
-    RESUME_CHUNK = 24
-    RESUME_SKIP = 25
-    RESUME_EPOCH = 26
-    RESUME_FILE = 27
-    RESUME_OFFSET = 28
-    RESUME_LINE = 29
-    SOURCE_ERRORS = 30
+    POSITION_GENERATION = 17  # which of the two position records is current: generation % 2
+    POSITION_RECORDS = (18, 27)
+    SOURCE_ERRORS = 36
 
 
 class SlotWord:
@@ -125,6 +117,35 @@ class SlotWord:
 
 
 FLAG_LAST_IN_CHUNK = 1
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the consumer stands: the next batch due, batches delivered, and the checkpoint cursor
+    (the chunk of the last delivered batch, its batches delivered, and where that chunk starts)."""
+
+    next_chunk: int = 0
+    next_index: int = 0
+    delivered: int = 0
+    resume: tuple[int, int, int, int, int, int] = (-1, 0, 0, 0, 0, 1)
+
+    def words(self) -> tuple[int, ...]:
+        return (self.next_chunk, self.next_index, self.delivered, *self.resume)
+
+
+def read_position(words: memoryview) -> Position:
+    """The current position record: a writer killed mid-update leaves the previous one current."""
+    base = Word.POSITION_RECORDS[words[Word.POSITION_GENERATION] % 2]
+    values = words[base:base + 9].tolist()
+    return Position(values[0], values[1], values[2], tuple(values[3:]))
+
+
+def write_position(words: memoryview, position: Position) -> None:
+    """Write the idle record, then make it current with one aligned 8-byte store."""
+    generation = words[Word.POSITION_GENERATION] + 1
+    base = Word.POSITION_RECORDS[generation % 2]
+    words[base:base + 9] = memoryview(struct.pack("<9q", *position.words())).cast("q")
+    words[Word.POSITION_GENERATION] = generation
 
 
 @dataclass(frozen=True)
@@ -249,6 +270,7 @@ class Ring:
         ring = cls(name, mem, geometry, owner=True)
         ring.words[Word.OWNER_UID] = os.getuid()
         ring.words[Word.END_CHUNK] = -1
+        write_position(ring.words, Position())
         ring.words[Word.DAEMON_PID] = os.getpid()
         ring.words[Word.CREATED_NS] = ring.words[Word.HEARTBEAT_NS] = _now_ns()
         # The magic goes in last: a reader that sees it sees a complete header.

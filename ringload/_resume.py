@@ -20,8 +20,8 @@ _NOT_STREAM = ("name", "producers", "slots", "max_restarts")
 
 def stream_identity(header_recipe: dict[str, Any]) -> dict[str, Any]:
     """The parts of a ring's recipe (as stored in its header) that determine the stream."""
-    recipe = {k: v for k, v in header_recipe["recipe"].items() if k not in _NOT_STREAM}
-    return {"recipe": recipe, "files": header_recipe["files"]}
+    recipe = {k: v for k, v in header_recipe.get("recipe", {}).items() if k not in _NOT_STREAM}
+    return {"recipe": recipe, "files": header_recipe.get("files", [])}
 
 
 def check_state(state: Any, identity: dict[str, Any]) -> tuple[tuple[int, ...], list[int], int]:

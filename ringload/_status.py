@@ -9,7 +9,7 @@ import numpy as np
 
 from ._errors import RingError
 from ._lanes import STAT_WORDS, LaneWord
-from ._layout import Ring, SlotWord, State, Word
+from ._layout import Ring, SlotWord, State, Word, read_position
 from ._names import list_ring_names, pid_alive
 
 
@@ -41,6 +41,7 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
         })
     daemon_pid = get(Word.DAEMON_PID)
     end = get(Word.END_CHUNK)
+    position = read_position(ring.words)
     return {
         "name": ring.name,
         "state": ring.state.name.lower(),
@@ -49,7 +50,7 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
         "daemon_alive": pid_alive(daemon_pid),
         "heartbeat_age_s": round(time.time() - get(Word.HEARTBEAT_NS) / 1e9, 3),
         "consumer_pid": get(Word.CONSUMER_PID) or None,
-        "position": {"chunk": get(Word.NEXT_CHUNK), "index": get(Word.NEXT_INDEX), "delivered": get(Word.DELIVERED)},
+        "position": {"chunk": position.next_chunk, "index": position.next_index, "delivered": position.delivered},
         "end_chunk": end if end >= 0 else None,
         "source_errors": get(Word.SOURCE_ERRORS),
         "geometry": {
@@ -98,7 +99,8 @@ def peek(name: str, k: int = 0, timeout: float = 10.0) -> dict[str, Any]:
 
 def _try_peek(ring: Ring, k: int) -> dict[str, Any] | None:
     g, get = ring.geometry, ring.get
-    position = (get(Word.NEXT_CHUNK), get(Word.NEXT_INDEX))
+    current = read_position(ring.words)
+    position = (current.next_chunk, current.next_index)
     candidates = []
     for p in range(g.lanes):
         published, released = get(ring.lane_word(p, LaneWord.PUBLISHED)), get(ring.lane_word(p, LaneWord.RELEASED))

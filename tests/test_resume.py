@@ -67,3 +67,26 @@ def test_state_from_another_stream_is_refused(recipe_file, ring_name):
         _, state = take(ring_name, 3)
     with pytest.raises(ringload.RingError, match=r"differs in batch_size \(8 then, 4 now\); seed \(7 then, 1 now\)"):
         ringload.start(recipe_file(seed=1, batch_size=4), name=ring_name, resume=state)
+
+
+def test_a_half_written_position_record_is_never_read(ring_name):
+    """A consumer killed while writing its position leaves the previous record current (two records, one commit word)."""
+    import numpy as np
+
+    from ringload._daemon import remove_ring
+    from ringload._layout import Field, Geometry, Position, Ring, Word, read_position, write_position
+
+    ring = Ring.create(ring_name, Geometry(1, 2, 1, (Field("x", np.dtype("<i4"), (1, 4)),)), {})
+    try:
+        first = Position(3, 1, 40, (3, 1, 0, 0, 123, 9))
+        write_position(ring.words, first)
+        idle = Word.POSITION_RECORDS[(ring.words[Word.POSITION_GENERATION] + 1) % 2]
+        ring.words[idle] = 4  # the killed writer got as far as next_chunk of the next record
+        ring.words[idle + 1] = 0
+        assert read_position(ring.words) == first
+        second = Position(4, 0, 41, (3, 2, 0, 0, 123, 9))
+        write_position(ring.words, second)
+        assert read_position(ring.words) == second
+    finally:
+        ring.close()
+        remove_ring(ring_name, 1)

@@ -552,7 +552,7 @@ def test_loader_claim_recovers_a_dead_consumer(rings, lost):
         assert int(batch["tag"][0]) == 2 and np.array_equal(batch["x"].numpy(), rt.payload(0, 2))
         rt.fill_and_publish(writer, writer.claim(lambda: False, poll=0))
         assert int(next(loader)["tag"][0]) == 3
-        assert loader.state_dict()["next_index"] == 4 and loader.delivered == 4
+        assert loader.state_dict()["next"][1] == 4 and loader.delivered == 4
     _assert_tokens_exact(ring, sems, 0)
     assert rt.counters(ring, 0)[:3] == (4, 4, 4)
 
