@@ -228,3 +228,12 @@ def test_too_large_ring_fails_before_any_producer_runs(recipe_file, ring_name):
     assert result.returncode != 0
     assert "/dev/shm" in result.stderr and "slots" in result.stderr
     assert ring_name not in list_ring_names()
+
+
+def test_producers_do_not_load_torch(recipe_file, ring_name):
+    """Producer processes never map PyTorch (start-up time and memory): it belongs to the consumer only."""
+    with ringload.start(recipe_file(epochs=None), name=ring_name):
+        drain(ring_name, limit=2)
+        for lane in ringload.ring_status(ring_name)["producers"]:
+            with open(f"/proc/{lane['pid']}/maps") as maps:
+                assert "libtorch" not in maps.read()
