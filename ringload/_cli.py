@@ -28,7 +28,9 @@ def main() -> None:
 @click.option("--detach", is_flag=True, help="Run the daemon in the background and return once the ring is ready.")
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False),
               help="A JSON state from loader.state_dict(): continue right after its last batch.")
-def start(recipe: str, name: str | None, producers: int | None, detach: bool, resume: str | None) -> None:
+@click.option("--stop-with", type=int, hidden=True, help="Stop when this process ends (set by ringload.start()).")
+def start(recipe: str, name: str | None, producers: int | None, detach: bool, resume: str | None,
+          stop_with: int | None) -> None:
     """Create a ring from RECIPE and serve it until stopped."""
     from ._daemon import Daemon, launch, log_file
     from ._recipe import load_recipe
@@ -44,7 +46,7 @@ def start(recipe: str, name: str | None, producers: int | None, detach: bool, re
                    f"`ringload stop {ring_name}` ends it")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ringload: %(message)s", stream=sys.stderr)
-    sys.exit(Daemon(loaded, ring_name, resume=state).run())
+    sys.exit(Daemon(loaded, ring_name, resume=state, stop_with=stop_with).run())
 
 
 @main.command()

@@ -84,8 +84,10 @@ def geometry_for(recipe: Recipe) -> Geometry:
 class Daemon:
     """Serves one ring until stopped. ``run`` blocks; it returns the process exit code."""
 
-    def __init__(self, recipe: Recipe, name: str | None = None, resume: dict[str, Any] | None = None):
+    def __init__(self, recipe: Recipe, name: str | None = None, resume: dict[str, Any] | None = None,
+                 stop_with: int | None = None):
         self.recipe = recipe
+        self.stop_with = stop_with  # a process whose end stops this daemon (the Python API's caller)
         self.resume_state = resume
         self.first_skip = (-1, 0)  # (chunk, batches already delivered) when resuming mid-stream
         self.name = validate_name(name or recipe.name)
@@ -210,6 +212,9 @@ class Daemon:
                 waitables += [slot.conn, slot.process.sentinel]
             ready = set(wait(waitables, timeout=HEARTBEAT_S))
             ring.heartbeat()
+            if self.stop_with and not pid_alive(self.stop_with):
+                log.info("ring %s: process %d that started it has ended; stopping", self.name, self.stop_with)
+                return
             if self.wake_r in ready:
                 os.read(self.wake_r, 4096)
             for slot in self.producers:
@@ -375,6 +380,8 @@ def launch(recipe_path: str, name: str, producers: int | None = None, log_path: 
            detach: bool = False, ready_timeout: float = 60.0, resume_path: str | None = None) -> subprocess.Popen:
     """Start ``ringload start`` in a child process and return once its ring is RUNNING."""
     command = [sys.executable, "-m", "ringload", "start", recipe_path, "--name", name]
+    if not detach:
+        command += ["--stop-with", str(os.getpid())]
     if producers:
         command += ["--producers", str(producers)]
     if resume_path:

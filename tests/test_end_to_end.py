@@ -237,3 +237,14 @@ def test_producers_do_not_load_torch(recipe_file, ring_name):
         for lane in ringload.ring_status(ring_name)["producers"]:
             with open(f"/proc/{lane['pid']}/maps") as maps:
                 assert "libtorch" not in maps.read()
+
+
+def test_daemon_started_from_python_ends_with_its_caller(recipe_file, ring_name):
+    """A daemon started by ringload.start() stops and removes its ring when the calling process dies."""
+    script = (f"import ringload, os, signal\nringload.start({str(recipe_file(epochs=None))!r}, name={ring_name!r})\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    subprocess.run([sys.executable, "-c", script], timeout=60)
+    deadline = time.monotonic() + 10
+    while ring_name in list_ring_names() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ring_name not in list_ring_names() and ring_name not in list_semaphore_rings()
