@@ -13,50 +13,24 @@ producers.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import os
 import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import ringload
 from ringload._names import list_ring_names, list_semaphore_rings, pid_alive
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from faults import CONSUMER_CHILD, batch_digest  # noqa: E402  (the same consumer child as the faults tool)
+
 SEED_ENV = "RINGLOAD_FAULT_SEED"
 _references: dict[str, list[str]] = {}
-
-
-def batch_digest(batch: dict[str, Any]) -> str:
-    """SHA-256 over every field's name, dtype, shape and bytes: equal digests = bit-identical batches."""
-    h = hashlib.sha256()
-    for key in sorted(batch):
-        array = batch[key].numpy()
-        h.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
-        h.update(array.tobytes())
-    return h.hexdigest()
-
-
-# The consumer subprocess of the consumer-kill test: one line "<delivered> <digest>" per batch,
-# written and flushed before it asks for the next batch, then "END" after the last one.
-_CHILD_MAIN = """
-name, out_path, pace = sys.argv[1], sys.argv[2], float(sys.argv[3])
-with open(out_path, "w") as out, ringload.connect(name, timeout=20) as loader:
-    for batch in loader:
-        out.write(f"{loader.delivered} {batch_digest(batch)}\\n")
-        out.flush()
-        time.sleep(pace)
-    out.write("END\\n")
-"""
-CONSUMER_CHILD = ("from __future__ import annotations\nimport hashlib, sys, time\nimport ringload\n\n"
-                  + textwrap.dedent(inspect.getsource(batch_digest)) + _CHILD_MAIN)
 
 
 def trial_seeds(n: int) -> list[int]:
@@ -209,7 +183,7 @@ def read_lines(path: Path) -> tuple[list[tuple[int, str]], bool]:
     text = path.read_text() if path.exists() else ""
     lines = text.split("\n")[:-1]  # whatever follows the last newline was cut off by the kill
     ended = lines[-1:] == ["END"]
-    return [(int(n), d) for n, d in (line.split() for line in lines[:len(lines) - ended])], ended
+    return [(int(n), d) for n, d, *_ in (line.split() for line in lines[:len(lines) - ended])], ended
 
 
 def run_consumer_child(script: Path, name: str, out: Path, rng: random.Random, kill: bool, target: int) -> int:
