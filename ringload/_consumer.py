@@ -270,7 +270,6 @@ class Loader:
         """A small JSON-able checkpoint: ``ringload start RECIPE --resume STATE`` (or
         ``ringload.start(recipe, resume=state)``) continues with exactly the batch after the last one
         this loader handed out."""
-        w = self._words
         return {
             "format": STATE_FORMAT,
             "stream": stream_identity(self.ring.recipe()),

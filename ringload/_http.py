@@ -14,7 +14,6 @@ from __future__ import annotations
 import http.client
 import io
 import logging
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -84,7 +83,7 @@ class ResumableHTTPFile(io.RawIOBase):
             if exc.code == 416 and self.size is not None and self.offset >= self.size:
                 return _EmptyResponse()  # type: ignore[return-value]
             raise RemoteReadError(f"{self.url}: HTTP {exc.code} {exc.reason} at byte {self.offset}") from None
-        except (urllib.error.URLError, socket.timeout) as exc:
+        except (TimeoutError, urllib.error.URLError) as exc:
             raise _Retry(str(getattr(exc, "reason", exc))) from None
         if self.offset == 0 or response.status == 206:
             if response.status == 206 and not response.headers.get("Content-Range", "").startswith(

@@ -71,9 +71,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokenizers import Tokenizer
-
 from fetch_assets import fetch  # sibling module in scripts/
+from tokenizers import Tokenizer
 
 if TYPE_CHECKING:
     from _baselines import Batch, Opener

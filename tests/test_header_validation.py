@@ -28,7 +28,16 @@ import _ringtools as rt  # noqa: E402
 
 from ringload import RingError  # noqa: E402
 from ringload._layout import (  # noqa: E402
-    ALLOWED_DTYPES, LANE_BLOCK, LINE, MAGIC, RECIPE_OFFSET, SCHEMA_OFFSET, SLOT_HEADER_SIZE, Field, Geometry, Ring,
+    ALLOWED_DTYPES,
+    LANE_BLOCK,
+    LINE,
+    MAGIC,
+    RECIPE_OFFSET,
+    SCHEMA_OFFSET,
+    SLOT_HEADER_SIZE,
+    Field,
+    Geometry,
+    Ring,
 )
 from ringload._names import shm_name  # noqa: E402
 

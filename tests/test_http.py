@@ -53,8 +53,8 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
             faults.cuts -= 1
             body = body[:faults.cut_bytes]
             self.close_connection = True
+        faults.sent += len(body)  # counted before the write: the client may finish reading before it returns
         self.wfile.write(body)
-        faults.sent += len(body)
 
     def log_message(self, *args) -> None:
         pass

@@ -124,7 +124,7 @@ def test_field_views_are_aligned_and_disjoint(rings):
             lo, hi = rt.slot_bounds(ring, lane, slot)
             arrays = ring.slot_arrays(lane, slot)
             assert list(arrays) == [f.name for f in g.fields]
-            for f, (key, arr) in zip(g.fields, arrays.items()):
+            for f, (_key, arr) in zip(g.fields, arrays.items()):
                 assert arr.shape == f.shape and arr.dtype == f.dtype and arr.flags.c_contiguous and arr.flags.writeable
             for start, end, what in rt.field_spans(ring, lane, slot, arrays, base):
                 assert (base + start) % LINE == 0, f"{what} at {start} is not 64-byte aligned"
