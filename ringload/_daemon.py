@@ -9,11 +9,12 @@ A producer that dies without reporting an error is replaced, up to ``max_restart
 daemon restores the lane's semaphore tokens (``_lanes.repair_after_producer_death``) and gives the
 replacement the chunk the dead one held, with the number of batches it had already published,
 so the stream the consumer sees is the same as if nothing had happened. A producer that reports
-an error, or a source that cannot be read, fails the ring: the message goes into the header,
+an error, or a source that cannot be read (under ``on_bad_record: fail``; under ``skip`` the rest
+of a broken file is skipped and counted), fails the ring: the message goes into the header,
 where the consumer and ``ringload status`` read it.
 
-On SIGTERM, SIGINT or ``ringload stop`` the daemon stops the producers and removes every shared
-object of the ring.
+On SIGTERM, SIGINT, ``ringload stop``, or the end of the process that started it from Python
+(``--stop-with``), the daemon stops the producers and removes every shared object of the ring.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import yaml
 
 from ._errors import RecipeError
 
-FORMATS = ("text", "jsonl", "cirrussearch", "csv", "tsv")
+FORMATS = ("text", "jsonl", "cirrussearch", "csv", "tsv", "parquet")
 DEFAULT_CHUNK_BYTES = 1 << 20
 ASSETS_ENV = "RINGLOAD_ASSETS"
 _HOOK = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")

@@ -10,7 +10,8 @@ Formats: ``text`` (one example per line), ``jsonl`` (one JSON object per line, t
 ``field``), ``cirrussearch`` (Elasticsearch bulk lines as in Wikipedia's CirrusSearch dumps: action
 lines ``{"index": ...}`` are skipped, documents give ``field``), ``csv``/``tsv`` (a header line
 names the columns; csv fields may be quoted and span lines, so a csv chunk ends only where the
-count of quote characters is even; every csv/tsv chunk carries the header line in front).
+count of quote characters is even; every csv/tsv chunk carries the header line in front),
+``parquet`` (read a row group at a time with pyarrow; its rows travel as JSON lines).
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ def read_chunks(source: Source, files: list[str], chunk_bytes: int, epochs: int 
         for file_index in range(first_file if epoch == first_epoch else 0, len(files)):
             resume_here = start is not None and epoch == first_epoch and file_index == first_file
             offset = 0
+            if source.format == "parquet":
+                first_row = first_offset if resume_here else 0
+                for rows_at, payload in _parquet_payloads(files[file_index], source, chunk_bytes, first_row):
+                    yield Chunk(next(chunk_id), epoch, file_index, rows_at, rows_at + 1, payload)
+                continue
             try:
                 with open_source(files[file_index], source) as stream:
                     header = stream.readline() if source.format in ("csv", "tsv") else b""
@@ -133,6 +139,43 @@ def read_chunks(source: Source, files: list[str], chunk_bytes: int, epochs: int 
                 if on_error is None:
                     raise error from exc
                 on_error(error)
+
+
+def _parquet_payloads(path: str, source: Source, chunk_bytes: int, first_row: int) -> Iterator[tuple[int, bytes]]:
+    """(first row, JSON lines) per chunk of a parquet file, read one row group at a time.
+
+    Parquet chunks are rows re-encoded as JSON lines, so producers parse them as jsonl; a chunk's
+    offset and line are its first row's index (and index + 1, for messages).
+    """
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RecipeError("source.format: parquet needs pyarrow (pip install 'ringload[parquet]')") from None
+    columns = [c for c in (source.field, source.pair_field, source.label_field) if c]
+    with fsspec.open(path, mode="rb", **source.storage_options) as stream:
+        parquet = pq.ParquetFile(stream)
+        missing = [c for c in columns if c not in parquet.schema_arrow.names]
+        if missing:
+            raise RecipeError(f"{path}: column {missing[0]!r} is not in the parquet schema "
+                              f"({', '.join(parquet.schema_arrow.names)})")
+        row, lines, size, chunk_start = 0, [], 0, first_row
+        for group in range(parquet.num_row_groups):
+            count = parquet.metadata.row_group(group).num_rows
+            if row + count <= first_row:
+                row += count
+                continue
+            records = parquet.read_row_group(group, columns=columns).to_pylist()
+            for record in records[max(0, first_row - row):]:
+                line = json.dumps(record, ensure_ascii=False).encode() + b"\n"
+                lines.append(line)
+                size += len(line)
+                if size >= chunk_bytes:
+                    yield chunk_start, b"".join(lines)
+                    chunk_start += len(lines)
+                    lines, size = [], 0
+            row += count
+        if lines:
+            yield chunk_start, b"".join(lines)
 
 
 @contextlib.contextmanager
@@ -291,7 +334,7 @@ def _line_rows(chunk: Chunk, source: Source) -> Iterator[tuple[int, dict[str, An
             continue
         if source.format == "text":
             yield number, {source.field: line.rstrip("\r")}
-            continue
+            continue  # jsonl, cirrussearch, and parquet rows re-encoded as JSON lines
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:

@@ -83,3 +83,26 @@ def test_truncated_gzip_is_skipped_or_fails_by_policy(recipe_file, ring_name, co
     with ringload.start(recipe_file(source=paths, on_bad_record="fail"), name=ring_name):
         with pytest.raises(ringload.ProducerFailed, match=r"a\.jsonl\.gz: unreadable after byte \d+: EOFError"):
             drain(ring_name)
+
+
+def test_parquet_rows_stream_like_jsonl(recipe_file, ring_name, corpus, tmp_path):
+    """A parquet file (several row groups) streams the same batches as the same rows in jsonl, and resumes by row."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [json.loads(line)["text"] for line in corpus["jsonl"].read_text().splitlines()]
+    pq.write_table(pa.table({"text": texts, "id": list(range(len(texts)))}), tmp_path / "c.parquet", row_group_size=700)
+    whole = 1 << 24
+    with ringload.start(recipe_file(chunk_bytes=whole), name=ring_name):
+        reference = drain(ring_name)
+    recipe = recipe_file(chunk_bytes=whole, source={"paths": [str(tmp_path / "c.parquet")], "format": "parquet"})
+    with ringload.start(recipe, name=ring_name):
+        assert_same_stream(reference, drain(ring_name))
+    small = recipe_file(chunk_bytes=20_000, source={"paths": [str(tmp_path / "c.parquet")], "format": "parquet"})
+    with ringload.start(small, name=ring_name):
+        full = drain(ring_name)
+    with ringload.start(small, name=ring_name), ringload.connect(ring_name) as loader:
+        before = [{k: v.numpy().copy() for k, v in next(loader).items()} for _ in range(23)]
+        state = loader.state_dict()
+    with ringload.start(small, name=ring_name, resume=state):
+        assert_same_stream(full, before + drain(ring_name))
