@@ -117,10 +117,14 @@ def _render_status(s: dict) -> str:
     ]
     if s["error"]:
         lines.append(f"ERROR: {s['error']}")
-    header = ("lane", "pid", "alive", "batches", "examples", "tokens", "restarts", "bad", "dropped", "chunk")
+    if s["source_errors"]:
+        lines.append(f"files skipped from a broken point on: {s['source_errors']} (see the daemon's log)")
+    header = ("lane", "pid", "alive", "batches", "examples", "tokens", "restarts", "bad", "dropped tok/ex",
+              "unknown labels", "chunk")
     rows = [header] + [
         (p["lane"], p["pid"], "yes" if p["alive"] else "no", p["batches"], p["examples"], p["tokens"], p["restarts"],
-         p["bad_records"], p["tokens_dropped"], p["current_chunk"]) for p in s["producers"]
+         p["bad_records"], f"{p['tokens_dropped']}/{p['examples_dropped']}", p["labels_unknown"], p["current_chunk"])
+        for p in s["producers"]
     ]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     lines.append("")
