@@ -225,3 +225,27 @@ def test_cirrussearch_dump_over_http(recipe_file, ring_name, http_root, corpus):
     for a, b in zip(remote_batches, local_batches):
         assert np.array_equal(np.where(a["labels"] != -100, a["labels"], a["input_ids"]),
                               np.where(b["labels"] != -100, b["labels"], b["input_ids"]))
+
+
+def test_every_shipped_recipe_parses():
+    """Every recipe in tasks/ is valid as shipped."""
+    recipes = sorted((TESTS.parent / "tasks").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        ringload.load_recipe(path)
+
+
+def test_wikipedia_recipe_over_http(ring_name, http_root, tokenizer_path):
+    """tasks/mlm-wikipedia.yaml, pointed at a CirrusSearch dump on a loopback server, streams its batches."""
+    folder, url = http_root
+    with gzip.open(folder / "simplewiki-cirrussearch-content.json.gz", "wt") as out:
+        for i, text in enumerate(make_texts(600)):
+            out.write(json.dumps({"index": {"_id": str(i)}}) + "\n")
+            out.write(json.dumps({"title": f"Page {i}", "text": text}) + "\n")
+    recipe = ringload.load_recipe(TESTS.parent / "tasks" / "mlm-wikipedia.yaml").replace(
+        source={"paths": [f"{url}/simplewiki-cirrussearch-content.json.gz"], "format": "cirrussearch"},
+        tokenizer=tokenizer_path, epochs=1, batch_size=4)
+    assert recipe.task["whole_word_mask"] and recipe.task["seq_len"] == 512
+    with ringload.start(recipe, name=ring_name):
+        batches = drain(ring_name)
+    assert batches and all(b["input_ids"].shape == (4, 512) for b in batches)
