@@ -386,6 +386,8 @@ def daemon_trial(setup: Setup, trial: Trial) -> None:
         trial.detections.append(noticed)
     trial.check(noticed < DAEMON_NOTICE_S, f"{where}: the consumer took {noticed:.1f} s to notice")
     trial.check(outcome == "DaemonGone" or len(got) == total, f"{where}: the stream ended after {len(got)} batches")
+    trial.check(state["delivered"] == len(got), f"{where}: state {state} after {len(got)} batches")
+    trial.check(setup.name in list_ring_names(), f"{where}: the dead daemon's ring should still be there")
     trial.check(wait_until(lambda: not any(pid_alive(pid) for pid in producers), 5),
                 f"{where}: producers outlived their daemon")
     arrivals: list[float] = []
