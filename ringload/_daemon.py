@@ -38,7 +38,7 @@ from typing import Any
 import posix_ipc
 
 from ._errors import RingError
-from ._lanes import STAT_WORDS, LaneWord, Semaphores, last_published, repair_after_producer_death, unlink_semaphores
+from ._lanes import LaneWord, Semaphores, last_published, repair_after_producer_death, unlink_semaphores
 from ._layout import Field, Geometry, Position, Ring, State, Word, write_position
 from ._names import list_ring_names, list_semaphore_rings, pid_alive, shm_name, validate_name
 from ._producer import ERROR, WANT, encode_chunk, producer_main
@@ -416,6 +416,3 @@ def log_file(name: str) -> Path:
     directory.mkdir(mode=0o700, exist_ok=True)
     return directory / f"{validate_name(name)}.log"
 
-
-def lane_stats(ring: Ring, lane: int) -> dict[str, int]:
-    return {key: ring.get(ring.lane_word(lane, word)) for key, word in STAT_WORDS.items()}

@@ -137,8 +137,9 @@ class Packer:
             piece = texts[begin:begin + TOKENIZE_PIECE]
             if self.word_starts:
                 ids, flags = self.tok.encode_words(piece)
-                piece_starts, _ = flatten([[int(f) for f in fl] for fl in flags], 1)
-                starts = np.concatenate([starts, piece_starts.astype(bool)])
+                # Aligned with flatten's output: each document's flags, then True for its separator.
+                piece_starts = np.fromiter(itertools.chain.from_iterable([*f, True] for f in flags), dtype=bool)
+                starts = np.concatenate([starts, piece_starts])
             else:
                 ids = self.tok.encode_ids(piece)
             tokens, piece_ends = flatten(ids, self.separator)

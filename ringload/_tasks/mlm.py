@@ -10,7 +10,7 @@ import numpy as np
 from .._errors import RecipeError
 from .._layout import Field
 from .._sources import Records
-from .base import Packer, PendingBatch, Task, TokenizerInfo
+from .base import TOKENIZE_PIECE, Packer, PendingBatch, Task, TokenizerInfo
 
 
 class MaskedLM(Task):
@@ -87,8 +87,8 @@ class MaskedLM(Task):
         pending_starts: list[list[bool]] = []
         done, index, dropped = 0, 0, 0
         whole_words = self.opts["whole_word_mask"]
-        for begin in range(0, len(texts), 512):
-            piece = texts[begin:begin + 512]
+        for begin in range(0, len(texts), TOKENIZE_PIECE):
+            piece = texts[begin:begin + TOKENIZE_PIECE]
             ids_list, starts_list = self.tok.encode_words(piece) if whole_words else (self.tok.encode_ids(piece), None)
             for i, ids in enumerate(ids_list):
                 pending.append(ids[:width])
