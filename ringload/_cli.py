@@ -25,23 +25,27 @@ def main() -> None:
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", help="Ring name (default: the recipe's name).")
 @click.option("--producers", type=click.IntRange(1, 256), help="Producer processes (default: the recipe's).")
+@click.option("--world-size", type=click.IntRange(1, 64),
+              help="Consumer ranks on this node, one per training process (torchrun's --nproc-per-node).")
+@click.option("--nnodes", type=click.IntRange(1), help="Nodes, each running its own `ringload start` of this recipe.")
+@click.option("--node-rank", type=click.IntRange(0), help="This node's rank, 0..nnodes-1.")
 @click.option("--detach", is_flag=True, help="Run the daemon in the background and return once the ring is ready.")
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False),
               help="A JSON state from loader.state_dict(): continue right after its last batch.")
 @click.option("--stop-with", type=int, hidden=True, help="Stop when this process ends (set by ringload.start()).")
-def start(recipe: str, name: str | None, producers: int | None, detach: bool, resume: str | None,
-          stop_with: int | None) -> None:
+def start(recipe: str, name: str | None, producers: int | None, world_size: int | None, nnodes: int | None,
+          node_rank: int | None, detach: bool, resume: str | None, stop_with: int | None) -> None:
     """Create a ring from RECIPE and serve it until stopped."""
     from ._daemon import Daemon, launch, log_file
     from ._recipe import load_recipe
 
     loaded = load_recipe(recipe)
-    if producers:
-        loaded = loaded.replace(producers=producers)
+    sharding = {"world_size": world_size, "nnodes": nnodes, "node_rank": node_rank}
+    loaded = loaded.replace(producers=producers, **sharding)
     ring_name = validate_name(name or loaded.name)
     state = json.loads(Path(resume).read_text()) if resume else None
     if detach:
-        process = launch(recipe, ring_name, producers, detach=True, resume_path=resume)
+        process = launch(recipe, ring_name, producers, detach=True, resume_path=resume, sharding=sharding)
         click.echo(f"ring {ring_name} ready (daemon pid {process.pid}, log {log_file(ring_name)}); "
                    f"`ringload stop {ring_name}` ends it")
         return
@@ -109,12 +113,16 @@ def _render_status(s: dict) -> str:
         f"ring {s['name']}  state {s['state']}  daemon pid {s['daemon_pid']} ({'alive' if s['daemon_alive'] else 'DEAD'}, "
         f"heartbeat {s['heartbeat_age_s']:.1f} s ago)",
         f"batches {g['batch_size']} x {', '.join(f['name'] + str(f['shape'][1:]) for f in g['fields'])}  "
-        f"lanes {g['lanes']} x {g['slots_per_lane']} slots  {g['bytes'] / 2**20:.1f} MiB",
+        f"{g['producers']} producers x {s['sharding']['ranks']} ranks x {g['slots_per_lane']} slots  "
+        f"{g['bytes'] / 2**20:.1f} MiB" + (f"  node {s['sharding']['node_rank']} of {s['sharding']['nnodes']}"
+                                           if s["sharding"]["nnodes"] > 1 else ""),
         f"fill {s['fill']['slots_filled']}/{s['fill']['slots_total']} slots  "
         f"{s['rates']['batches_per_s']:.1f} batches/s  {s['rates']['tokens_per_s'] / 1e6:.3f} Mtokens/s",
-        f"consumer {s['consumer_pid'] or '-'}  next chunk {s['position']['chunk']} batch {s['position']['index']}  "
-        f"delivered {s['position']['delivered']}" + (f"  (stream ends at chunk {s['end_chunk']})" if s["end_chunk"] is not None else ""),
+        f"sources: {s['source_bytes']['fetched'] / 2**20:.1f} MiB fetched of {s['source_bytes']['listed'] / 2**20:.1f} MiB "
+        "in the files opened so far" + (f"  (stream ends at chunk {s['end_chunk']})" if s["end_chunk"] is not None else ""),
     ]
+    lines += [f"rank {c['rank']}: consumer {c['pid'] or '-'}  next chunk {c['chunk']} batch {c['index']}  "
+              f"delivered {c['delivered']}" for c in s["consumers"]]
     if s["error"]:
         lines.append(f"ERROR: {s['error']}")
     if s["source_errors"]:
@@ -136,7 +144,8 @@ def _render_status(s: dict) -> str:
 @click.argument("name")
 @click.option("--batch", "k", default=0, show_default=True, help="Which unread batch: 0 is the consumer's next.")
 @click.option("--rows", default=2, show_default=True, help="How many rows of the batch to show.")
-def inspect(name: str, k: int, rows: int) -> None:
+@click.option("--rank", default=0, show_default=True, help="Whose batches: a local rank of the ring.")
+def inspect(name: str, k: int, rows: int, rank: int) -> None:
     """Decode a batch waiting in ring NAME back to text, as the model will see it.
 
     Masked-LM positions show as [input->label], causal-LM rows mark document boundaries,
@@ -145,7 +154,7 @@ def inspect(name: str, k: int, rows: int) -> None:
     from ._status import peek
     from ._tasks import build_task
 
-    found = peek(name, k)
+    found = peek(name, k, rank=rank)
     recipe = found["recipe"]["recipe"]
     task = build_task(recipe["task"], recipe["tokenizer"], recipe["batch_size"], recipe["seed"])
     click.echo(f"ring {name}: chunk {found['chunk']} batch {found['index']} (lane {found['lane']}), "

@@ -1,18 +1,21 @@
-"""The consumer: an in-process handle that hands out batches in stream order.
+"""The consumer: an in-process handle that hands out one rank's batches in stream order.
 
-The stream order is chunk order, and within a chunk, batch order. Producers finish chunks in
-whatever order their speed allows, so the consumer reorders: it keeps the batches it has taken
-from a lane but that are not yet due (its *heads*: one per lane, or up to ``prefetch`` on CUDA)
-and delivers the batch ``(next_chunk, next_index)`` from whichever lane has it. A lane's batches come out in the order it published them, which is
-chunk order, so the due batch is always at the front of some lane: no batch can be stuck behind
-another, and the lanes' slots are the reorder window.
+A ring serves ``ranks`` consumers, one per local rank (``_lanes`` says how batches are dealt to
+ranks); each reads only its own lanes, one per producer. A rank's stream order is chunk order,
+and within a chunk, index order: global rank ``g`` of ``G`` gets indexes ``g, g + G, ...``.
+Producers finish chunks in whatever order their speed allows, so the consumer reorders: it keeps
+the batches it has taken from a lane but that are not yet due (its *heads*: one per lane, or up
+to ``prefetch`` on CUDA) and delivers the batch ``(next_chunk, next_index)`` from whichever lane
+has it. A lane's batches come out in the order it published them, which is chunk order, so the
+due batch is always at the front of some lane: no batch can be stuck behind another, and the
+lanes' slots are the reorder window.
 
 On CPU a batch is a dict of tensors that are views of the slot itself. The slot goes back to its
 producer when the next batch is requested, so a batch is valid until then; ``.clone()`` keeps one.
 
-The consumer records its position and per-lane counters in the ring after every batch, so if it
-dies, the next ``connect`` returns the slot it held, restores any semaphore token it lost and
-goes on with the next unread batch.
+The consumer records its position (in its rank's consumer block) and per-lane counters in the
+ring after every batch, so if it dies, the next ``connect`` for that rank returns the slot it
+held, restores any semaphore token it lost and goes on with the next unread batch.
 """
 
 from __future__ import annotations
@@ -24,7 +27,17 @@ from typing import Any
 
 from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RingError
 from ._lanes import LaneWord, Semaphores, acquire
-from ._layout import FLAG_LAST_IN_CHUNK, Position, Ring, SlotWord, State, Word, read_position, write_position
+from ._layout import (
+    FLAG_LAST_IN_CHUNK,
+    ConsumerWord,
+    Position,
+    Ring,
+    SlotWord,
+    State,
+    Word,
+    read_position,
+    write_position,
+)
 from ._names import pid_alive
 from ._resume import STATE_FORMAT, stream_identity
 
@@ -36,18 +49,27 @@ class Loader:
     """Iterator over a ring's batches. Create it with :func:`ringload.connect`."""
 
     def __init__(self, name: str, device: Any = "cpu", timeout: float = 30.0, dtypes: dict[str, Any] | None = None,
-                 prefetch: int = 2, trim: bool = False, meta: bool = False):
+                 prefetch: int = 2, trim: bool = False, meta: bool = False, rank: int | None = None):
         import torch
 
         self._torch = torch
         self.name = name
         self.timeout = timeout
         self.ring = ring = Ring.attach(name)
+        self.sems = None
+        recipe = ring.recipe().get("recipe", {})
         try:
-            self.sems = Semaphores(name, ring.geometry.lanes)
+            self.rank = resolve_rank(name, rank, ring.geometry.ranks, recipe.get("nnodes", 1),
+                                     recipe.get("node_rank", 0))
+            self.sems = Semaphores.of(ring)
         except RingError:
             ring.close()
             raise
+        self.global_ranks = ring.geometry.ranks * recipe.get("nnodes", 1)
+        self.global_rank = recipe.get("node_rank", 0) * ring.geometry.ranks + self.rank
+        self._own_lanes = list(ring.rank_lanes(self.rank))
+        self._doorbell = self.sems.doorbells[self.rank]
+        self._block = ring.consumer_block(self.rank)
         self._lanes = ring.geometry.lanes
         self._slots = ring.geometry.slots
         self._words = ring.words
@@ -57,9 +79,8 @@ class Loader:
         self._views: list[dict[str, Any] | None] = [None] * (self._lanes * self._slots)
         self._heads: dict[int, deque[tuple[int, int, int]]] = {}  # lane -> (seq, chunk, index) taken, not yet due
         self._in_hand: tuple[int, int] | None = None  # (lane, seq) of the batch last handed out
-        self._last_lane = 0
+        self._last_lane = 0  # position in _own_lanes where the last due batch was found
         self._stager = None
-        recipe = ring.recipe().get("recipe", {})
         self._skip_batches, self._max_batches = recipe.get("skip_batches", 0), recipe.get("max_batches")
         self.epoch = 0  # the epoch of the last batch handed out
         fields = ring.geometry.fields
@@ -77,20 +98,22 @@ class Loader:
 
     # -- attachment and recovery -------------------------------------------------------------
     def _claim(self) -> None:
-        """Become the ring's consumer; take over the position of a dead predecessor."""
+        """Become the rank's consumer; take over the position of a dead predecessor."""
         w = self._words
-        holder = w[Word.CONSUMER_PID]
+        pid_word = self._block + ConsumerWord.PID
+        holder = w[pid_word]
         if holder and holder != os.getpid() and pid_alive(holder):
             self.close()
-            raise RingError(f"ring {self.name!r} already has a consumer (pid {holder}); a ring serves one consumer")
-        w[Word.CONSUMER_PID] = os.getpid()
-        self.position = read_position(w)
+            raise RingError(f"rank {self.rank} of ring {self.name!r} already has a consumer (pid {holder}); "
+                            "each rank is served to one consumer (start the ring with --world-size for more ranks)")
+        w[pid_word] = os.getpid()
+        self.position = read_position(w, self._block)
         self.next_chunk, self.next_index, self.delivered = (self.position.next_chunk, self.position.next_index,
                                                             self.position.delivered)
         self._search = (self.next_chunk, self.next_index)  # the next batch to look for
         self._taken = [w[i] for i in self._taken_word]
         self._released = [w[i] for i in self._released_word]
-        for lane in range(self._lanes):
+        for lane in self._own_lanes:
             for seq in range(self._released[lane], self._taken[lane]):
                 chunk, index = self._slot_word(lane, seq, SlotWord.CHUNK), self._slot_word(lane, seq, SlotWord.INDEX)
                 if (chunk, index) < (self.next_chunk, self.next_index):
@@ -144,9 +167,9 @@ class Loader:
                 lane, seq = found
                 base = self.ring.slot_word(lane, seq % self._slots, 0)
                 if self._words[base + SlotWord.FLAGS] & FLAG_LAST_IN_CHUNK:
-                    self._search = (self._search[0] + 1, 0)
+                    self._search = (self._search[0] + 1, self.global_rank)
                 else:
-                    self._search = (self._search[0], self._search[1] + 1)
+                    self._search = (self._search[0], self._search[1] + self.global_ranks)
                 if self._words[base + SlotWord.ROWS] == 0:
                     self._mark_delivered(lane, seq)
                     self._release(lane, seq)  # an empty chunk's end marker
@@ -158,24 +181,26 @@ class Loader:
             if deadline is None:
                 deadline = time.monotonic() + self.timeout
             self._check_health(deadline)
-            acquire(self.sems.doorbell, POLL_S)
+            acquire(self._doorbell, POLL_S)
 
     def _mark_delivered(self, lane: int, seq: int) -> None:
         """Record in the ring that the consumer has been handed this batch (the resume point)."""
         w = self._words
         base = self.ring.slot_word(lane, seq % self._slots, 0)
         chunk, index = w[base + SlotWord.CHUNK], w[base + SlotWord.INDEX]
+        every = self.global_ranks
         if w[base + SlotWord.FLAGS] & FLAG_LAST_IN_CHUNK:
-            self.next_chunk, self.next_index = chunk + 1, 0
+            self.next_chunk, self.next_index = chunk + 1, self.global_rank
         else:
-            self.next_chunk, self.next_index = chunk, index + 1
+            self.next_chunk, self.next_index = chunk, index + every
         if w[base + SlotWord.ROWS]:
             self.delivered += 1
             self.epoch = w[base + SlotWord.EPOCH]
-        cursor = (chunk, index + 1, w[base + SlotWord.EPOCH], w[base + SlotWord.FILE_INDEX],
-                  w[base + SlotWord.CHUNK_OFFSET], w[base + SlotWord.CHUNK_LINE])
+        # Ranks move in step, so the resume point is the end of this batch's group of one batch per rank.
+        cursor = (chunk, (index // every + 1) * every, w[base + SlotWord.EPOCH], w[base + SlotWord.FILE_INDEX],
+                  w[base + SlotWord.CHUNK_OFFSET], w[base + SlotWord.CHUNK_LINE], w[base + SlotWord.PART])
         self.position = Position(self.next_chunk, self.next_index, self.delivered, cursor)
-        write_position(w, self.position)
+        write_position(w, self._block, self.position)
 
     def _find(self) -> tuple[int, int] | None:
         """Take lane heads until the due batch turns up; return its (lane, seq) or None."""
@@ -186,9 +211,10 @@ class Loader:
                 self._check_index(lane, chunk, index, want_index)
                 return lane, seq
         w = self._words
-        lanes = self._lanes
-        for step in range(lanes):
-            lane = (self._last_lane + step) % lanes
+        own = self._own_lanes
+        for step in range(len(own)):
+            at = (self._last_lane + step) % len(own)
+            lane = own[at]
             if self._heads.get(lane):
                 continue
             while acquire(self.sems.filled[lane], 0):
@@ -204,7 +230,7 @@ class Loader:
                 chunk, index = w[base + SlotWord.CHUNK], w[base + SlotWord.INDEX]
                 if chunk == want_chunk:
                     self._check_index(lane, chunk, index, want_index)
-                    self._last_lane = lane
+                    self._last_lane = at
                     return lane, seq
                 if chunk < want_chunk:
                     raise RingError(f"ring {self.name!r}: lane {lane} published chunk {chunk} after the consumer "
@@ -274,7 +300,7 @@ class Loader:
             "format": STATE_FORMAT,
             "stream": stream_identity(self.ring.recipe()),
             "delivered": self.delivered,
-            "next": [self.next_chunk, self.next_index],
+            "next": [self.next_chunk, self.next_index - self.global_rank],  # the same for every rank
             "resume": list(self.position.resume),
         }
 
@@ -286,8 +312,8 @@ class Loader:
         if self._in_hand is not None and self.sems is not None:
             self._release(*self._in_hand)
             self._in_hand = None
-        if getattr(self, "_words", None) is not None and self._words[Word.CONSUMER_PID] == os.getpid():
-            self._words[Word.CONSUMER_PID] = 0
+        if getattr(self, "_words", None) is not None and self._words[self._block + ConsumerWord.PID] == os.getpid():
+            self._words[self._block + ConsumerWord.PID] = 0
         self._views.clear()
         if getattr(self, "sems", None) is not None:
             self.sems.close()
@@ -303,8 +329,12 @@ class Loader:
 
 
 def connect(name: str, device: Any = "cpu", timeout: float = 30.0, dtypes: dict[str, Any] | None = None,
-            prefetch: int = 2, trim: bool = False, meta: bool = False) -> Loader:
+            prefetch: int = 2, trim: bool = False, meta: bool = False, rank: int | None = None) -> Loader:
     """Attach to the ring ``name`` and iterate over its batches (``dict[str, torch.Tensor]``).
+
+    ``rank``: which of the ring's ranks this process is (``ringload start --world-size W``); by
+    default ``LOCAL_RANK`` as torchrun sets it, or 0 for a one-rank ring. ``WORLD_SIZE``,
+    ``LOCAL_WORLD_SIZE`` and ``GROUP_RANK``, when set, are checked against the ring.
 
     ``device``: "cpu" (zero-copy views of the ring) or a CUDA device (batches staged from pinned
     ring memory by asynchronous copies, ``prefetch`` batches ahead). ``dtypes`` casts fields, e.g.
@@ -312,4 +342,30 @@ def connect(name: str, device: Any = "cpu", timeout: float = 30.0, dtypes: dict[
     ``trim``: cut padding columns beyond the batch's longest row (classification tasks).
     ``meta``: also hand out bookkeeping fields (names starting with ``_``, e.g. ``_document_ids``).
     """
-    return Loader(name, device=device, timeout=timeout, dtypes=dtypes, prefetch=prefetch, trim=trim, meta=meta)
+    return Loader(name, device=device, timeout=timeout, dtypes=dtypes, prefetch=prefetch, trim=trim, meta=meta,
+                  rank=rank)
+
+
+def resolve_rank(name: str, rank: int | None, ranks: int, nnodes: int, node_rank: int) -> int:
+    """This process's local rank on the ring, from the argument or torchrun's environment, checked."""
+    env = {key: os.environ[key] for key in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+           if os.environ.get(key, "").isdigit()}
+    if rank is None:
+        if "LOCAL_RANK" in env:
+            rank = int(env["LOCAL_RANK"])
+        elif ranks == 1:
+            rank = 0
+        else:
+            raise RingError(f"ring {name!r} serves {ranks} ranks: pass connect(..., rank=R) or run under torchrun "
+                            "(which sets LOCAL_RANK)")
+    if not 0 <= rank < ranks:
+        raise RingError(f"rank {rank} is not served by ring {name!r}, which serves ranks 0..{ranks - 1}; "
+                        f"start it with `ringload start RECIPE --world-size {rank + 1}` or more")
+    expected = {"WORLD_SIZE": ranks * nnodes, "LOCAL_WORLD_SIZE": ranks, "GROUP_RANK": node_rank}
+    for key, value in expected.items():
+        if key in env and int(env[key]) != value:
+            fix = {"WORLD_SIZE": f"--world-size {ranks} --nnodes {nnodes}", "LOCAL_WORLD_SIZE": f"--world-size {ranks}",
+                   "GROUP_RANK": f"--node-rank {node_rank}"}[key]
+            raise RingError(f"{key}={env[key]} in the environment, but ring {name!r} was started with {fix}; "
+                            f"start the ring with settings that match the launcher (expected {key}={value})")
+    return rank

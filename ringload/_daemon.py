@@ -44,6 +44,7 @@ from ._names import list_ring_names, list_semaphore_rings, pid_alive, shm_name, 
 from ._producer import ERROR, WANT, encode_chunk, producer_main
 from ._recipe import Recipe
 from ._resume import check_state, stream_identity
+from ._http import SourceMeter
 from ._sources import Chunk, Hooks, expand_paths, read_chunks
 from ._tasks import build_task
 
@@ -66,20 +67,28 @@ class ProducerSlot:
 
 
 def default_slots(recipe: Recipe, fields: list[Field]) -> int:
-    """Slots per lane to hold about two chunks of batches, so ordered delivery never convoys."""
+    """Slots per lane to hold about two chunks of a rank's batches, so ordered delivery never convoys."""
     row_tokens = fields[0].shape[1] if len(fields[0].shape) > 1 else 1
-    per_chunk = recipe.chunk_bytes * TOKENS_PER_BYTE_ESTIMATE / (recipe.batch_size * row_tokens)
+    per_chunk = recipe.chunk_bytes * TOKENS_PER_BYTE_ESTIMATE / (recipe.batch_size * row_tokens * recipe.global_ranks)
     return int(min(4096, max(8, math.ceil(2 * per_chunk))))
 
 
 def geometry_for(recipe: Recipe) -> Geometry:
     fields = build_task(recipe.task, recipe.tokenizer, recipe.batch_size, recipe.seed).fields()
     suggested = default_slots(recipe, fields)
+    ranks = recipe.global_ranks
+    batches_per_chunk = suggested * ranks / 2
+    if ranks > 1 and (ranks - 1) / 2 > 0.03 * batches_per_chunk:
+        log.warning("chunk_bytes: %d gives about %.0f batches per chunk, cut to a multiple of %d ranks: about %.0f%% "
+                    "of batches dropped; raise chunk_bytes to %d or more to drop under 3%%", recipe.chunk_bytes,
+                    batches_per_chunk, ranks, 100 * (ranks - 1) / 2 / max(batches_per_chunk, 1),
+                    int(recipe.chunk_bytes * (ranks - 1) / 2 / (0.03 * batches_per_chunk)))
     if recipe.slots is not None and recipe.slots < suggested // 2:
         log.warning("slots: %d per producer holds less than one chunk of batches (about %d); producers will wait "
                     "on each other to keep the stream in order: raise slots or lower chunk_bytes",
                     recipe.slots, suggested // 2)
-    return Geometry(recipe.producers, recipe.slots or suggested, recipe.batch_size, tuple(fields))
+    return Geometry(recipe.producers * recipe.world_size, recipe.slots or suggested, recipe.batch_size, tuple(fields),
+                    recipe.world_size)
 
 
 class Daemon:
@@ -118,21 +127,27 @@ class Daemon:
                 self.first_skip = (cursor[0], cursor[1])
         reclaim_if_dead(self.name)
         self.ring = Ring.create(self.name, geometry, header_recipe)
-        if start is not None:
-            write_position(self.ring.words, Position(position[0], position[1], delivered, cursor))
+        for rank in range(geometry.ranks):
+            # Rank r's first batch of a chunk is index g (its global rank). A state is rank-independent:
+            # its `next` holds the due chunk and the index due for global rank 0.
+            first = self.recipe.node_rank * geometry.ranks + rank
+            due = Position(0, first) if start is None else Position(position[0], position[1] + first, delivered, cursor)
+            write_position(self.ring.words, self.ring.consumer_block(rank), due)
         try:
-            self.sems = Semaphores(self.name, geometry.lanes, geometry.slots)
+            self.sems = Semaphores(self.name, geometry.lanes, geometry.slots, geometry.ranks)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self._request_stop())
             threading.Thread(target=self._read, args=(files, start), name="ringload-reader", daemon=True).start()
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per producer; no fork-after-threads
             self.files = files
-            self.producers = [ProducerSlot(lane) for lane in range(geometry.lanes)]
+            self.producers = [ProducerSlot(p) for p in range(geometry.producers)]
             for slot in self.producers:
                 self._spawn(slot)
             self.ring.set_state(State.RUNNING)
-            log.info("ring %s: %d producers x %d slots of %d x %s, %.1f MiB in /dev/shm", self.name, geometry.lanes,
-                     geometry.slots, geometry.batch_size, [f.name for f in geometry.fields], self.ring.total_size / 2**20)
+            log.info("ring %s: %d producers x %d ranks x %d slots of %d x %s, %.1f MiB in /dev/shm%s", self.name,
+                     geometry.producers, geometry.ranks, geometry.slots, geometry.batch_size,
+                     [f.name for f in geometry.fields], self.ring.total_size / 2**20,
+                     f"; node {self.recipe.node_rank} of {self.recipe.nnodes}" if self.recipe.nnodes > 1 else "")
             self._serve()
         finally:
             failed = self.ring.state == State.FAILED
@@ -159,7 +174,7 @@ class Daemon:
         if ring.state != State.FAILED:
             ring.set_state(State.STOPPING)
         if self.sems:
-            self.sems.doorbell.release()  # wake a waiting consumer so it sees the new state
+            self.sems.ring_all()  # wake waiting consumers so they see the new state
         for slot in self.producers:
             if slot.conn:
                 slot.conn.close()
@@ -172,17 +187,21 @@ class Daemon:
                     slot.process.join()
         if self.sems:
             self.sems.close()
-        remove_ring(self.name, ring.geometry.lanes)
+        remove_ring(self.name, ring.geometry.lanes, ring.geometry.ranks)
         ring.close()
         log.info("ring %s: stopped and removed", self.name)
 
     # -- the reader thread -------------------------------------------------------------------
-    def _read(self, files: list[str], start: tuple[int, int, int, int, int] | None) -> None:
+    def _read(self, files: list[str], start: tuple[int, int, int, int, int, int] | None) -> None:
         count = start[0] if start else 0
+        meter = SourceMeter()
         try:
             skip_broken = self._count_source_error if self.recipe.on_bad_record == "skip" else None
-            for chunk in read_chunks(self.recipe.source, files, self.recipe.chunk_bytes, self.recipe.epochs, start,
-                                     skip_broken):
+            recipe = self.recipe
+            for chunk in read_chunks(recipe.source, files, recipe.chunk_bytes, recipe.epochs, start, skip_broken,
+                                     recipe.shuffle_buffer, recipe.seed, meter):
+                self.ring.set(Word.BYTES_FETCHED, meter.fetched)
+                self.ring.set(Word.BYTES_LISTED, meter.listed)
                 while not self.stop_requested.is_set():
                     try:
                         self.chunks.put(chunk, timeout=HEARTBEAT_S)
@@ -224,7 +243,7 @@ class Daemon:
                 if slot.process.sentinel in ready and not self.stop_requested.is_set():
                     self._on_exit(slot)
             if ring.state == State.FAILED:
-                self.sems.doorbell.release()
+                self.sems.ring_all()
                 return
             self._dispatch()
             now = time.monotonic()
@@ -236,7 +255,7 @@ class Daemon:
 
     def _totals(self) -> tuple[int, int]:
         w, ring = self.ring.words, self.ring
-        lanes = range(ring.geometry.lanes)
+        lanes = range(ring.geometry.producers)  # a producer's statistics live in its rank-0 lane
         return (sum(w[ring.lane_word(p, LaneWord.BATCHES)] for p in lanes),
                 sum(w[ring.lane_word(p, LaneWord.TOKENS)] for p in lanes))
 
@@ -283,7 +302,7 @@ class Daemon:
             self.ring.fail(self.reader_error)
             return
         self.ring.set(Word.END_CHUNK, self.chunks_read)
-        self.sems.doorbell.release()
+        self.sems.ring_all()
         log.info("ring %s: all %d chunks read", self.name, self.chunks_read)
 
     def _on_exit(self, slot: ProducerSlot) -> None:
@@ -301,35 +320,41 @@ class Daemon:
             return
         slot.restarts += 1
         ring.set(ring.lane_word(slot.lane, LaneWord.RESTARTS), slot.restarts)
-        repair_after_producer_death(ring, self.sems, slot.lane)
-        if slot.chunk is not None and not self._finished(slot.lane, slot.chunk.id):
-            slot.redo.insert(0, (slot.chunk, self._published_of(slot.lane, slot.chunk.id)))
+        lanes = self._lanes_of(slot.lane)
+        for lane in lanes:
+            repair_after_producer_death(ring, self.sems, lane)
+        if slot.chunk is not None and not self._finished(lanes, slot.chunk.id):
+            slot.redo.insert(0, (slot.chunk, self._published_of(lanes, slot.chunk.id)))
         log.warning("ring %s: producer %d died (exit code %s); restarting it (%d/%d)%s", self.name, slot.lane, code,
                     slot.restarts, self.recipe.max_restarts,
                     f", redoing chunk {slot.chunk.id}" if slot.chunk else "")
         slot.conn.close()
         self._spawn(slot)
 
-    def _published_of(self, lane: int, chunk_id: int) -> int:
-        """How many batches of ``chunk_id`` the lane has already published."""
-        newest = last_published(self.ring, lane)
-        return newest[1] + 1 if newest and newest[0] == chunk_id else 0
+    def _lanes_of(self, producer: int) -> list[int]:
+        return [self.ring.rank_lanes(rank)[producer] for rank in range(self.ring.geometry.ranks)]
 
-    def _finished(self, lane: int, chunk_id: int) -> bool:
-        """True if the lane has published the chunk's flagged last batch."""
-        newest = last_published(self.ring, lane)
-        return bool(newest and newest[0] == chunk_id and newest[2])
+    def _published_of(self, lanes: list[int], chunk_id: int) -> int:
+        """Where a replacement resumes ``chunk_id``: past the highest index the producer's lanes published
+        (it publishes in index order, so every lower index of its ranks is out too)."""
+        newest = [last_published(self.ring, lane) for lane in lanes]
+        return max((n[1] + 1 for n in newest if n and n[0] == chunk_id), default=0)
+
+    def _finished(self, lanes: list[int], chunk_id: int) -> bool:
+        """True if every rank's lane has published its flagged last batch of the chunk."""
+        newest = [last_published(self.ring, lane) for lane in lanes]
+        return all(n and n[0] == chunk_id and n[2] for n in newest)
 
 
 # -- ring housekeeping, used by the daemon and the CLI -----------------------------------------
-def remove_ring(name: str, lanes: int | None = None) -> None:
+def remove_ring(name: str, lanes: int | None = None, ranks: int = 1) -> None:
     """Unlink the ring's shared memory and semaphores (mappings that exist stay valid)."""
     try:
         posix_ipc.unlink_shared_memory(shm_name(name))
     except posix_ipc.ExistentialError:
         pass
     if lanes is not None:
-        unlink_semaphores(name, lanes)
+        unlink_semaphores(name, lanes, ranks)
     for sem in list_semaphore_rings().get(name, []):
         try:
             posix_ipc.unlink_semaphore(sem)
@@ -378,13 +403,19 @@ def clean_orphans() -> list[str]:
 
 
 def launch(recipe_path: str, name: str, producers: int | None = None, log_path: Path | None = None,
-           detach: bool = False, ready_timeout: float = 60.0, resume_path: str | None = None) -> subprocess.Popen:
-    """Start ``ringload start`` in a child process and return once its ring is RUNNING."""
+           detach: bool = False, ready_timeout: float = 60.0, resume_path: str | None = None,
+           sharding: dict[str, int | None] | None = None) -> subprocess.Popen:
+    """Start ``ringload start`` in a child process and return once its ring is RUNNING.
+
+    ``sharding``: ``world_size``, ``nnodes``, ``node_rank`` overriding the recipe's (None: keep)."""
     command = [sys.executable, "-m", "ringload", "start", recipe_path, "--name", name]
     if not detach:
         command += ["--stop-with", str(os.getpid())]
     if producers:
         command += ["--producers", str(producers)]
+    for key, value in (sharding or {}).items():
+        if value is not None:
+            command += [f"--{key.replace('_', '-')}", str(value)]
     if resume_path:
         command += ["--resume", resume_path]
     log_path = log_path or log_file(name)

@@ -47,11 +47,13 @@ class RingHandle:
 
 def start(recipe: str | os.PathLike[str] | dict[str, Any] | Recipe, name: str | None = None,
           producers: int | None = None, ready_timeout: float = 60.0,
-          resume: dict[str, Any] | None = None) -> RingHandle:
+          resume: dict[str, Any] | None = None, world_size: int | None = None, nnodes: int | None = None,
+          node_rank: int | None = None) -> RingHandle:
     """Start a daemon for ``recipe`` (a file, a mapping or a Recipe) and return once its ring is ready.
 
     Relative paths in a mapping are taken relative to the current directory. ``resume``: a
     ``Loader.state_dict()``; the stream continues right after the batch it was taken at.
+    ``world_size`` (ranks on this node), ``nnodes`` and ``node_rank`` override the recipe's.
     """
     if isinstance(recipe, Recipe):
         parsed = recipe
@@ -59,6 +61,7 @@ def start(recipe: str | os.PathLike[str] | dict[str, Any] | Recipe, name: str | 
         parsed = parse_recipe(recipe, base_dir=Path.cwd())
     else:
         parsed = load_recipe(recipe)
+    parsed = parsed.replace(world_size=world_size, nnodes=nnodes, node_rank=node_rank)
     ring_name = validate_name(name or parsed.name)
     log_path = log_file(ring_name)
     recipe_path = log_path.with_suffix(".recipe.yaml")

@@ -17,6 +17,8 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("ringload.http")
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -31,8 +33,9 @@ class ResumableHTTPFile(io.RawIOBase):
     """Read-only, forward-only file over an HTTP(S) URL that reconnects where it left off."""
 
     def __init__(self, url: str, retries: int = 8, backoff: float = 0.5, timeout: float = 60.0,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, meter: SourceMeter | None = None):
         super().__init__()
+        self.meter = meter or SourceMeter()
         self.url, self.retries, self.backoff, self.timeout = url, retries, backoff, timeout
         self.headers = dict(headers or {})
         self.offset = 0  # bytes handed to the reader so far
@@ -55,6 +58,7 @@ class ResumableHTTPFile(io.RawIOBase):
                     raise http.client.IncompleteRead(b"", self.size - self.offset)
                 self.offset += n
                 self.fetched += n
+                self.meter.fetched += n
                 return n
             except (OSError, http.client.HTTPException, _Retry) as exc:
                 if isinstance(exc, RemoteReadError):
@@ -94,6 +98,7 @@ class ResumableHTTPFile(io.RawIOBase):
             if self.size is None:
                 length = response.headers.get("Content-Length")
                 self.size = int(length) + self.offset if length is not None else None
+                self.meter.listed += self.size or 0
             return response
         # 200 to a range request: the server ignores Range. Skip what we already have.
         log.warning("%s ignores Range requests; re-reading %d bytes to resume at byte %d", self.url, self.offset,
@@ -104,6 +109,7 @@ class ResumableHTTPFile(io.RawIOBase):
             if not skipped:
                 raise _Retry(f"connection closed while skipping to byte {self.offset}")
             self.fetched += len(skipped)
+            self.meter.fetched += len(skipped)
             remaining -= len(skipped)
         return response
 
@@ -132,6 +138,42 @@ class _EmptyResponse:
         pass
 
 
-def open_url(url: str, retries: int, timeout: float) -> io.BufferedReader:
+def open_url(url: str, retries: int, timeout: float, meter: SourceMeter | None = None) -> io.BufferedReader:
     """A buffered, resumable reader of ``url``."""
-    return io.BufferedReader(ResumableHTTPFile(url, retries=retries, timeout=timeout), buffer_size=1 << 20)
+    return io.BufferedReader(ResumableHTTPFile(url, retries=retries, timeout=timeout, meter=meter), buffer_size=1 << 20)
+
+
+@dataclass
+class SourceMeter:
+    """Bytes read from the sources as stored (before decompression, re-reads included), and the
+    sizes of the files opened so far: ``fetched`` over ``listed`` shows what crossed the network."""
+
+    fetched: int = 0
+    listed: int = 0
+
+
+class MeteredFile(io.RawIOBase):
+    """A raw binary file that counts the bytes read through it into a ``SourceMeter``."""
+
+    def __init__(self, raw: Any, meter: SourceMeter):
+        super().__init__()
+        self.raw, self.meter = raw, meter
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return bool(getattr(self.raw, "seekable", lambda: False)())
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def readinto(self, buffer: memoryview) -> int:
+        data = self.raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.meter.fetched += n
+        return n

@@ -1,7 +1,8 @@
 """Lanes and sequencing: how a slot passes between its producer and the consumer.
 
-Each producer owns one lane of ``S`` slots. Lane sequence numbers ``s = 0, 1, 2, ...`` name the
-batches the lane carries, in order; batch ``s`` lives in slot ``s % S``. Four monotonically
+A lane is ``S`` slots with one writer (a producer) and one reader (a consumer rank). Each producer
+owns one lane per rank. Lane sequence numbers ``s = 0, 1, 2, ...`` name the batches the lane
+carries, in order; batch ``s`` lives in slot ``s % S``. Four monotonically
 increasing 64-bit counters in the lane's control block say where every slot stands:
 
 =============  ========  =================================================================
@@ -28,9 +29,21 @@ same line)::
                        | labels_unknown
     line 3  daemon:    pid | restarts | exitcode;  producer: examples_dropped
 
-Semaphores (POSIX, mode 0600): ``filled.P`` counts published slots not yet taken, ``free.P`` free
-slots of lane P, and one ``doorbell`` that every publish also posts, so the consumer can sleep
-until *any* lane has news. Publication is the semaphore: a producer writes the slot, then posts;
+A producer's statistics (lines 2 and 3) live in its rank-0 lane, lane ``p``.
+
+Semaphores (POSIX, mode 0600): ``filled.L`` counts published slots not yet taken, ``free.L`` free
+slots of lane L, and one ``doorbell.R`` per rank that every publish into one of rank R's lanes also
+posts, so a consumer can sleep until *any* of its lanes has news.
+
+Dealing batches to ranks. A ring may be one of ``N`` nodes (one daemon each) serving ``W`` ranks
+each: ``G = N * W`` global ranks, node ``n``'s local rank ``r`` being global rank ``n * W + r``.
+Every node cuts the same chunks. A chunk's batches are cut to a multiple of ``G`` (the rest is
+counted as dropped) and batch ``i`` goes to global rank ``i % G``; on node ``n``, the producer
+holding the chunk publishes the batches of its own ranks into their lanes, in index order. The
+last ``G`` batches (one per rank) carry the chunk-end flag; a chunk with fewer than ``G`` batches
+gives each rank an empty flagged batch (``rows = 0``) at index ``n * W + r``. So every rank
+receives the same number of batches of every chunk, no batch goes to two ranks, and a rank's
+batches of chunk ``c`` are indexes ``g, g + G, g + 2G, ...``: the consumer knows which one is due. Publication is the semaphore: a producer writes the slot, then posts;
 the consumer waits, then reads. ``sem_post``/``sem_wait`` order memory between processes, so no
 step relies on the CPU's store order.
 
@@ -89,7 +102,7 @@ STAT_WORDS = {
 class Semaphores:
     """The ring's semaphores, opened (or created, by the daemon) by name."""
 
-    def __init__(self, ring_name: str, lanes: int, slots: int | None = None):
+    def __init__(self, ring_name: str, lanes: int, slots: int | None = None, ranks: int = 1):
         create = slots is not None
         flags = posix_ipc.O_CREX if create else 0
 
@@ -102,17 +115,32 @@ class Semaphores:
                 what = "already exists (run `ringload clean`)" if create else "is missing: the ring is being torn down"
                 raise RingError(f"semaphore {name} of ring {ring_name!r} {what}") from None
 
-        self.doorbell = open_sem(doorbell_sem_name(ring_name), 0)
+        self.doorbells = [open_sem(doorbell_sem_name(ring_name, r), 0) for r in range(ranks)]
         self.filled = [open_sem(filled_sem_name(ring_name, p), 0) for p in range(lanes)]
         self.free = [open_sem(free_sem_name(ring_name, p), slots or 0) for p in range(lanes)]
+        self.lanes_per_rank = lanes // ranks
+
+    @classmethod
+    def of(cls, ring: Ring) -> Semaphores:
+        """Open (not create) the semaphores of an attached ring."""
+        return cls(ring.name, ring.geometry.lanes, ranks=ring.geometry.ranks)
+
+    def doorbell_of(self, lane: int) -> posix_ipc.Semaphore:
+        """The doorbell of the rank that reads ``lane``."""
+        return self.doorbells[lane // self.lanes_per_rank]
+
+    def ring_all(self) -> None:
+        """Wake every rank's consumer (the ring's state changed)."""
+        for doorbell in self.doorbells:
+            doorbell.release()
 
     def close(self) -> None:
-        for sem in (self.doorbell, *self.filled, *self.free):
+        for sem in (*self.doorbells, *self.filled, *self.free):
             sem.close()
 
 
-def unlink_semaphores(ring_name: str, lanes: int) -> None:
-    names = [doorbell_sem_name(ring_name)]
+def unlink_semaphores(ring_name: str, lanes: int, ranks: int = 1) -> None:
+    names = [doorbell_sem_name(ring_name, r) for r in range(ranks)]
     names += [filled_sem_name(ring_name, p) for p in range(lanes)]
     names += [free_sem_name(ring_name, p) for p in range(lanes)]
     for name in names:
@@ -138,7 +166,7 @@ class LaneWriter:
         self.ring, self.lane = ring, lane
         self.words = ring.words
         self.slots = ring.geometry.slots
-        self._free, self._filled, self._doorbell = sems.free[lane], sems.filled[lane], sems.doorbell
+        self._free, self._filled, self._doorbell = sems.free[lane], sems.filled[lane], sems.doorbell_of(lane)
         self._published = ring.lane_word(lane, LaneWord.PUBLISHED)
         self._posted = ring.lane_word(lane, LaneWord.POSTED)
         self._released = ring.lane_word(lane, LaneWord.RELEASED)
@@ -164,12 +192,12 @@ class LaneWriter:
             if not keep_waiting():
                 raise InterruptedError("lane wait abandoned")
 
-    def publish(self, seq: int, chunk: int, index: int, rows: int, last: bool, cursor: tuple[int, int, int, int],
-                records_done: int, tokens: int, checksum: int = 0) -> None:
+    def publish(self, seq: int, chunk: int, index: int, rows: int, last: bool,
+                cursor: tuple[int, int, int, int, int], records_done: int, tokens: int, checksum: int = 0) -> None:
         """Stamp the slot header, then make the slot visible: published, post filled, post doorbell."""
         w = self.words
         base = self.ring.slot_word(self.lane, seq % self.slots, 0)
-        epoch, file_index, chunk_offset, chunk_line = cursor
+        epoch, file_index, chunk_offset, chunk_line, part = cursor
         w[base + SlotWord.CHUNK] = chunk
         w[base + SlotWord.INDEX] = index
         w[base + SlotWord.ROWS] = rows
@@ -181,6 +209,7 @@ class LaneWriter:
         w[base + SlotWord.RECORDS_DONE] = records_done
         w[base + SlotWord.TOKENS] = tokens
         w[base + SlotWord.CHECKSUM] = checksum
+        w[base + SlotWord.PART] = part
         w[base + SlotWord.SEQ] = seq
         w[self._published] = seq + 1
         self._filled.release()
@@ -209,7 +238,7 @@ def repair_after_producer_death(ring: Ring, sems: Semaphores, lane: int) -> None
     published = w[ring.lane_word(lane, LaneWord.PUBLISHED)]
     if w[ring.lane_word(lane, LaneWord.POSTED)] < published:
         sems.filled[lane].release()
-        sems.doorbell.release()
+        sems.doorbell_of(lane).release()
         w[ring.lane_word(lane, LaneWord.POSTED)] = published
     missing = ring.geometry.slots - (published - w[ring.lane_word(lane, LaneWord.RELEASED)]) - sems.free[lane].value
     for _ in range(max(0, missing)):

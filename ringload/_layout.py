@@ -8,26 +8,35 @@ Byte layout::
 
     0      identity line (written once by the daemon before anyone attaches)
            magic "RINGLOAD" | version u32 | header_size u32 | total_size | lanes u32 | slots u32
-           | slot_size | lanes_offset | slots_offset | fields u32 | batch_size u32
+           | slot_size | lanes_offset | slots_offset | fields u16 | ranks u16 | batch_size u32
     64     daemon line (daemon writes, everyone reads)
            daemon_pid | heartbeat_ns | state | created_ns | end_chunk | batches_per_s (f64)
            | tokens_per_s (f64) | owner_uid
-    128    consumer lines (the consumer writes, the daemon and CLI read)
-           consumer_pid | position_generation | position record 0 (9 words) | position record 1 (9 words)
-           a position record: next_chunk | next_index | delivered | resume_chunk | resume_skip
-           | resume_epoch | resume_file | resume_offset | resume_line
-    288    source_errors (the daemon: files it could not read to the end)
+    128    source line (the daemon's reader thread writes)
+           source_errors (files it could not read to the end) | bytes_fetched (raw bytes read from
+           the sources, before decompression) | bytes_listed (sizes of the files opened so far)
+    192    (unused)
     320    schema: 8 entries x 64 bytes
            name 24s | dtype 8s (numpy str, e.g. "<i4") | ndim u32 | dims 3 x u32 | offset | nbytes
     768    last error: length u32 + UTF-8 text (ERROR_CAPACITY bytes)
     1792   recipe: length u32 + JSON text of the resolved recipe (up to the header's end)
-    lanes_offset   one LANE_BLOCK (4 lines) per producer lane, see ``_lanes``
-    slots_offset   lanes x slots fixed-size slots; lane p, slot j at slots_offset + (p*slots+j)*slot_size
+    lanes_offset   one LANE_BLOCK (4 lines) per lane, see ``_lanes``
+    consumers_offset = lanes_offset + lanes * LANE_BLOCK
+                   one CONSUMER_BLOCK (4 lines) per consumer rank (rank r's consumer writes it,
+                   the daemon and CLI read it): consumer_pid | position_generation
+                   | position record 0 (10 words) | position record 1 (10 words)
+                   a position record: next_chunk | next_index | delivered | resume_chunk
+                   | resume_skip | resume_epoch | resume_file | resume_offset | resume_line | resume_part
+    slots_offset   lanes x slots fixed-size slots; lane l, slot j at slots_offset + (l*slots+j)*slot_size
+
+A ring serving ``ranks`` consumer ranks with ``P`` producers has ``lanes = ranks * P``: lane
+``r * P + p`` carries producer ``p``'s batches for rank ``r`` (so each rank's lanes, and its slots,
+are one contiguous block). Every lane keeps one writer and one reader.
 
 Slot layout::
 
     0      slot header (2 lines): seq | chunk | index | rows | flags | epoch | file_index
-           | chunk_offset | chunk_line | records_done | tokens | checksum
+           | chunk_offset | chunk_line | records_done | tokens | checksum | part
     128    each field's array, C-contiguous, at its schema offset (64-byte aligned)
 
 States of the ring (``state``): STARTING -> RUNNING -> STOPPING, or FAILED with the error text set
@@ -58,20 +67,22 @@ from ._errors import RingError
 from ._names import shm_name, validate_name
 
 MAGIC = b"RINGLOAD"
-VERSION = 2
+VERSION = 3
 LINE = 64
 MAX_FIELDS = 8
 MAX_LANES = 256
+MAX_RANKS = 64
 MAX_SLOTS = 1 << 16
 SCHEMA_OFFSET = 320
 ERROR_OFFSET = SCHEMA_OFFSET + MAX_FIELDS * LINE
 ERROR_CAPACITY = 1020
 RECIPE_OFFSET = ERROR_OFFSET + 4 + ERROR_CAPACITY
 LANE_BLOCK = 4 * LINE
+CONSUMER_BLOCK = 4 * LINE
 SLOT_HEADER_SIZE = 2 * LINE
 ALLOWED_DTYPES = ("|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<f2", "<f4", "<f8", "|b1")
 
-_IDENTITY = struct.Struct("<8sIIQIIQQQII")
+_IDENTITY = struct.Struct("<8sIIQIIQQQHHI")
 
 
 class State(enum.IntEnum):
@@ -93,10 +104,17 @@ class Word:
     BATCHES_PER_S = 13  # float64 bits
     TOKENS_PER_S = 14  # float64 bits
     OWNER_UID = 15
-    CONSUMER_PID = 16
-    POSITION_GENERATION = 17  # which of the two position records is current: generation % 2
-    POSITION_RECORDS = (18, 27)
-    SOURCE_ERRORS = 36
+    SOURCE_ERRORS = 16
+    BYTES_FETCHED = 17
+    BYTES_LISTED = 18
+
+
+class ConsumerWord:
+    """Int64 word indexes inside a rank's consumer block."""
+
+    PID = 0
+    POSITION_GENERATION = 1  # which of the two position records is current: generation % 2
+    POSITION_RECORDS = (2, 12)
 
 
 class SlotWord:
@@ -114,6 +132,7 @@ class SlotWord:
     RECORDS_DONE = 9
     TOKENS = 10
     CHECKSUM = 11
+    PART = 12
 
 
 FLAG_LAST_IN_CHUNK = 1
@@ -121,31 +140,37 @@ FLAG_LAST_IN_CHUNK = 1
 
 @dataclass(frozen=True)
 class Position:
-    """Where the consumer stands: the next batch due, batches delivered, and the checkpoint cursor
-    (the chunk of the last delivered batch, its batches delivered, and where that chunk starts)."""
+    """Where a consumer rank stands: the next batch due, batches delivered, and the checkpoint
+    cursor (the chunk of the last delivered batch, how many of its batches the stream has
+    delivered, where that chunk starts in the sources, and its part of a shuffle window)."""
 
     next_chunk: int = 0
     next_index: int = 0
     delivered: int = 0
-    resume: tuple[int, int, int, int, int, int] = (-1, 0, 0, 0, 0, 1)
+    resume: tuple[int, int, int, int, int, int, int] = (-1, 0, 0, 0, 0, 1, 0)
 
     def words(self) -> tuple[int, ...]:
         return (self.next_chunk, self.next_index, self.delivered, *self.resume)
 
 
-def read_position(words: memoryview) -> Position:
-    """The current position record: a writer killed mid-update leaves the previous one current."""
-    base = Word.POSITION_RECORDS[words[Word.POSITION_GENERATION] % 2]
-    values = words[base:base + 9].tolist()
+_POSITION = struct.Struct("<10q")
+
+
+def read_position(words: memoryview, block: int) -> Position:
+    """The current position record of the consumer block at word ``block``: a writer killed
+    mid-update leaves the previous one current."""
+    generation = words[block + ConsumerWord.POSITION_GENERATION]
+    base = block + ConsumerWord.POSITION_RECORDS[generation % 2]
+    values = words[base:base + 10].tolist()
     return Position(values[0], values[1], values[2], tuple(values[3:]))
 
 
-def write_position(words: memoryview, position: Position) -> None:
+def write_position(words: memoryview, block: int, position: Position) -> None:
     """Write the idle record, then make it current with one aligned 8-byte store."""
-    generation = words[Word.POSITION_GENERATION] + 1
-    base = Word.POSITION_RECORDS[generation % 2]
-    words[base:base + 9] = memoryview(struct.pack("<9q", *position.words())).cast("q")
-    words[Word.POSITION_GENERATION] = generation
+    generation = words[block + ConsumerWord.POSITION_GENERATION] + 1
+    base = block + ConsumerWord.POSITION_RECORDS[generation % 2]
+    words[base:base + 10] = memoryview(_POSITION.pack(*position.words())).cast("q")
+    words[block + ConsumerWord.POSITION_GENERATION] = generation
 
 
 @dataclass(frozen=True)
@@ -167,12 +192,18 @@ def _align(n: int, to: int = LINE) -> int:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Everything that fixes the ring's size: lanes, slots per lane, and the batch schema."""
+    """Everything that fixes the ring's size: lanes, slots per lane, the batch schema, and the
+    number of consumer ranks (``lanes`` is ``ranks`` times the number of producers)."""
 
     lanes: int
     slots: int
     batch_size: int
     fields: tuple[Field, ...]
+    ranks: int = 1
+
+    @property
+    def producers(self) -> int:
+        return self.lanes // self.ranks
 
     def field_offsets(self) -> list[int]:
         offsets, at = [], SLOT_HEADER_SIZE
@@ -190,13 +221,17 @@ class Geometry:
         return _align(RECIPE_OFFSET + 4 + len(recipe_json), 4096)
 
     def total_size(self, recipe_json: bytes) -> int:
-        lanes_offset = self.header_size(recipe_json)
-        slots_offset = _align(lanes_offset + self.lanes * LANE_BLOCK, 4096)
-        return slots_offset + self.lanes * self.slots * self.slot_size
+        return self.slots_offset(self.header_size(recipe_json)) + self.lanes * self.slots * self.slot_size
+
+    def slots_offset(self, lanes_offset: int) -> int:
+        return _align(lanes_offset + self.lanes * LANE_BLOCK + self.ranks * CONSUMER_BLOCK, 4096)
 
     def check(self) -> None:
-        if not 1 <= self.lanes <= MAX_LANES:
-            raise RingError(f"producers must be 1..{MAX_LANES}, got {self.lanes}")
+        if not 1 <= self.ranks <= MAX_RANKS:
+            raise RingError(f"a ring serves 1..{MAX_RANKS} consumer ranks, got {self.ranks}")
+        if not 1 <= self.lanes <= MAX_LANES or self.lanes % self.ranks:
+            raise RingError(f"producers x ranks must be at most {MAX_LANES}, got {self.lanes} lanes for "
+                            f"{self.ranks} ranks; use fewer producers")
         if not 2 <= self.slots <= MAX_SLOTS:
             raise RingError(f"slots must be 2..{MAX_SLOTS} per producer, got {self.slots}")
         if not 1 <= len(self.fields) <= MAX_FIELDS:
@@ -223,6 +258,7 @@ class Ring:
         ident = _IDENTITY.unpack_from(mem, 0)
         self.header_size, self.total_size = ident[2], ident[3]
         self.slot_size, self.lanes_offset, self.slots_offset = ident[6], ident[7], ident[8]
+        self.consumers_offset = self.lanes_offset + geometry.lanes * LANE_BLOCK
         self.field_offsets = geometry.field_offsets()
 
     # -- creation and attachment -------------------------------------------------------------
@@ -254,7 +290,7 @@ class Ring:
                 shm.close_fd()
         header_size = geometry.header_size(recipe_json)
         lanes_offset = header_size
-        slots_offset = _align(lanes_offset + geometry.lanes * LANE_BLOCK, 4096)
+        slots_offset = geometry.slots_offset(lanes_offset)
         for i, (f, off) in enumerate(zip(geometry.fields, geometry.field_offsets())):
             dims = list(f.shape) + [0] * (3 - len(f.shape))
             struct.pack_into(
@@ -265,12 +301,13 @@ class Ring:
         mem[RECIPE_OFFSET + 4:RECIPE_OFFSET + 4 + len(recipe_json)] = recipe_json
         _IDENTITY.pack_into(
             mem, 0, b"\0" * 8, VERSION, header_size, size, geometry.lanes, geometry.slots,
-            geometry.slot_size, lanes_offset, slots_offset, len(geometry.fields), geometry.batch_size,
+            geometry.slot_size, lanes_offset, slots_offset, len(geometry.fields), geometry.ranks, geometry.batch_size,
         )
         ring = cls(name, mem, geometry, owner=True)
         ring.words[Word.OWNER_UID] = os.getuid()
         ring.words[Word.END_CHUNK] = -1
-        write_position(ring.words, Position())
+        for rank in range(geometry.ranks):
+            write_position(ring.words, ring.consumer_block(rank), Position())
         ring.words[Word.DAEMON_PID] = os.getpid()
         ring.words[Word.CREATED_NS] = ring.words[Word.HEARTBEAT_NS] = _now_ns()
         # The magic goes in last: a reader that sees it sees a complete header.
@@ -362,6 +399,15 @@ class Ring:
         """Index into ``words`` of word ``word`` of lane ``lane``'s control block."""
         return (self.lanes_offset + lane * LANE_BLOCK) // 8 + word
 
+    def consumer_block(self, rank: int) -> int:
+        """Index into ``words`` of the first word of rank ``rank``'s consumer block."""
+        return (self.consumers_offset + rank * CONSUMER_BLOCK) // 8
+
+    def rank_lanes(self, rank: int) -> range:
+        """The lanes that carry rank ``rank``'s batches, producer 0 first."""
+        producers = self.geometry.producers
+        return range(rank * producers, (rank + 1) * producers)
+
     def slot_word(self, lane: int, slot: int, word: int) -> int:
         """Index into ``words`` of header word ``word`` of slot ``slot`` in lane ``lane``."""
         return (self.slots_offset + (lane * self.geometry.slots + slot) * self.slot_size) // 8 + word
@@ -397,7 +443,7 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
     """Rebuild the geometry from an untrusted header, checking every number against the mapping."""
     size = len(mem)
     (magic, version, header_size, total_size, lanes, slots, slot_size, lanes_offset, slots_offset,
-     n_fields, batch_size) = _IDENTITY.unpack_from(mem, 0)
+     n_fields, ranks, batch_size) = _IDENTITY.unpack_from(mem, 0)
 
     def bad(why: str) -> RingError:
         return RingError(f"ring {name!r} has a corrupt or foreign header ({why}); refusing to attach. "
@@ -413,10 +459,11 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
         raise bad(f"header says {total_size} bytes, mapping has {size}")
     if not (RECIPE_OFFSET + 4 <= header_size <= lanes_offset and lanes_offset % LINE == 0):
         raise bad("header size or lane offset out of range")
-    if not (1 <= lanes <= MAX_LANES and 2 <= slots <= MAX_SLOTS and 1 <= n_fields <= MAX_FIELDS and batch_size >= 1):
-        raise bad(f"lanes={lanes} slots={slots} fields={n_fields} batch_size={batch_size}")
-    if lanes_offset + lanes * LANE_BLOCK > slots_offset or slots_offset % LINE or slot_size % LINE:
-        raise bad("lane blocks overlap the slots or are misaligned")
+    if not (1 <= lanes <= MAX_LANES and 2 <= slots <= MAX_SLOTS and 1 <= n_fields <= MAX_FIELDS and batch_size >= 1
+            and 1 <= ranks <= MAX_RANKS and lanes % ranks == 0):
+        raise bad(f"lanes={lanes} slots={slots} fields={n_fields} batch_size={batch_size} ranks={ranks}")
+    if lanes_offset + lanes * LANE_BLOCK + ranks * CONSUMER_BLOCK > slots_offset or slots_offset % LINE or slot_size % LINE:
+        raise bad("lane or consumer blocks overlap the slots or are misaligned")
     if slot_size < SLOT_HEADER_SIZE or slots_offset + lanes * slots * slot_size > size:
         raise bad("slots extend past the end of the mapping")
     (recipe_len,) = struct.unpack_from("<I", mem, RECIPE_OFFSET)
@@ -445,7 +492,7 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
     spans = sorted((o, o + f.nbytes) for o, f in zip(offsets, fields))
     if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])):
         raise bad("field arrays overlap")
-    geometry = Geometry(lanes, slots, batch_size, tuple(fields))
+    geometry = Geometry(lanes, slots, batch_size, tuple(fields), ranks)
     if geometry.field_offsets() != offsets or geometry.slot_size != slot_size:
         raise bad("field offsets do not follow the layout rules")
     return geometry

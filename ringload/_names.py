@@ -34,8 +34,8 @@ def free_sem_name(ring: str, lane: int) -> str:
     return f"/{PREFIX}{validate_name(ring)}.free.{lane}"
 
 
-def doorbell_sem_name(ring: str) -> str:
-    return f"/{PREFIX}{validate_name(ring)}.doorbell"
+def doorbell_sem_name(ring: str, rank: int) -> str:
+    return f"/{PREFIX}{validate_name(ring)}.doorbell.{rank}"
 
 
 def list_ring_names() -> list[str]:
@@ -58,7 +58,7 @@ def list_semaphore_rings() -> dict[str, list[str]]:
         if not entry.startswith("sem." + PREFIX):
             continue
         rest = entry[len("sem." + PREFIX):]
-        for suffix in (".doorbell", ".filled.", ".free."):
+        for suffix in (".doorbell.", ".filled.", ".free."):
             cut = rest.find(suffix)
             if cut > 0:
                 found.setdefault(rest[:cut], []).append("/" + entry[len("sem."):])

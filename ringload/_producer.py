@@ -4,17 +4,19 @@ A producer is started by the daemon with ``spawn`` and talks to it over one pipe
 
 * producer -> daemon: ``W`` (give me a chunk) or ``E<message>`` (I failed; the message says why);
 * daemon -> producer: a chunk, as ``CHUNK_HEADER`` (id, epoch, file index, byte offset, first line,
-  batches to skip) followed by the chunk's raw lines.
+  shuffle-window part, batches to skip) followed by the chunk's raw lines.
 
 It asks for a chunk only when it has finished the previous one, so the daemon always knows the
 one chunk a producer holds and can hand it to a replacement if the producer dies; ``skip`` then
 says how many of the chunk's batches were already published. Nothing else crosses the pipe:
-batches go straight from the task into the shared-memory slots. This module never imports torch.
+batches go straight from the task into the shared-memory slots, dealt to the ranks' lanes as
+``_lanes`` describes. This module never imports torch.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import struct
@@ -29,7 +31,7 @@ from ._recipe import parse_recipe
 from ._sources import Chunk, Hooks, parse_records
 from ._tasks import PendingBatch, build_task
 
-CHUNK_HEADER = struct.Struct("<qqqqqq")
+CHUNK_HEADER = struct.Struct("<qqqqqqq")
 WANT = b"W"
 ERROR = b"E"
 BAD_RECORDS_LOGGED = 5
@@ -37,23 +39,27 @@ PR_SET_PDEATHSIG = 1
 
 
 def encode_chunk(chunk: Chunk, skip: int) -> bytes:
-    return CHUNK_HEADER.pack(chunk.id, chunk.epoch, chunk.file_index, chunk.offset, chunk.line, skip) + chunk.payload
+    return CHUNK_HEADER.pack(chunk.id, *chunk.cursor, skip) + chunk.payload
 
 
 def decode_chunk(message: bytes) -> tuple[Chunk, int]:
-    chunk_id, epoch, file_index, offset, line, skip = CHUNK_HEADER.unpack_from(message)
-    return Chunk(chunk_id, epoch, file_index, offset, line, message[CHUNK_HEADER.size:]), skip
+    chunk_id, epoch, file_index, offset, line, part, skip = CHUNK_HEADER.unpack_from(message)
+    return Chunk(chunk_id, epoch, file_index, offset, line, message[CHUNK_HEADER.size:], part), skip
 
 
 class Producer:
-    """One lane's writer: parses, tokenizes and shapes chunks, publishing every batch in order."""
+    """Producer ``lane``: parses, tokenizes and shapes chunks, publishing its node's batches in
+    order into its lane of each rank (``lane``, ``lane + P``, ...)."""
 
     def __init__(self, ring_name: str, lane: int, conn: Connection, recipe: dict[str, Any], files: list[str]):
         self.lane, self.conn, self.files = lane, conn, files
         self.recipe = parse_recipe(recipe)
         self.ring = Ring.attach(ring_name)
-        self.sems = Semaphores(ring_name, self.ring.geometry.lanes)
-        self.writer = LaneWriter(self.ring, self.sems, lane)
+        self.sems = Semaphores.of(self.ring)
+        ranks = self.ring.geometry.ranks
+        self.writers = [LaneWriter(self.ring, self.sems, self.ring.rank_lanes(r)[lane]) for r in range(ranks)]
+        self.global_ranks = self.recipe.global_ranks
+        self.first_rank = self.recipe.node_rank * ranks  # global rank of this node's local rank 0
         self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed)
         self.hooks = Hooks.load(self.recipe.source)
         self.daemon_pid = os.getppid()
@@ -80,40 +86,47 @@ class Producer:
             self.process(chunk, skip)
 
     def process(self, chunk: Chunk, skip: int) -> None:
-        """Publish the chunk's batches from index ``skip`` on; the last one carries the chunk-end flag."""
-        path = self.files[chunk.file_index]
+        """Publish this node's batches of the chunk from index ``skip`` on (the dealing rule is in ``_lanes``)."""
+        path, numbered = self.files[chunk.file_index], chunk
+        if self.recipe.shuffle:  # records were permuted: number them within this chunk instead
+            path = f"{path} (shuffle window from line {chunk.line}, part {chunk.part}; lines of that part)"
+            numbered = dataclasses.replace(chunk, line=1)
         unknown_before = self.task.labels_unknown
-        records, bad = parse_records(chunk, self.recipe.source, path, self.task.convert_label, self.hooks)
+        records, bad = parse_records(numbered, self.recipe.source, path, self.task.convert_label, self.hooks)
         if bad:
             self._report_bad(bad)
         self._stat(LaneWord.CURRENT_CHUNK, chunk.id)
-        batches = self.task.batches(records, chunk.id)
-        pending: PendingBatch | None = next(batches, None)
-        index, records_before = 0, 0
-        while pending is not None:
-            following = next(batches, None)  # look ahead: the chunk's last batch is flagged
-            if index >= skip:
-                self._publish(chunk, index, pending, last=following is None, records_before=records_before)
-            records_before = pending.records_done
-            pending, index = following, index + 1
-        if index == 0 and skip == 0:
-            # A chunk too small for one batch still ends: an empty, flagged slot tells the consumer.
-            seq = self.writer.claim(self._keep_waiting)
-            self.writer.publish(seq, chunk.id, 0, 0, True, chunk.cursor, len(records), 0)
-        if index >= skip:
-            self._add(LaneWord.TOKENS_DROPPED, self.task.tokens_dropped)
-            self._add(LaneWord.EXAMPLES_DROPPED, self.task.examples_dropped)
+        batches: list[PendingBatch] = list(self.task.batches(records, chunk.id))
+        every = self.global_ranks
+        kept = len(batches) - len(batches) % every
+        for index in range(skip, kept):
+            rank = index % every - self.first_rank
+            if 0 <= rank < len(self.writers):
+                self._publish(chunk, index, rank, batches[index], last=index >= kept - every)
+        if kept == 0:
+            # A chunk too small for a batch per rank still ends: an empty, flagged slot tells each rank.
+            for rank, writer in enumerate(self.writers):
+                index = self.first_rank + rank
+                if index >= skip:
+                    seq = writer.claim(self._keep_waiting)
+                    writer.publish(seq, chunk.id, index, 0, True, chunk.cursor, len(records), 0)
+        if skip < max(kept, every):  # not a redo of a chunk whose predecessor finished it
+            # Batches cut off to keep the ranks even count as dropped, like a chunk's partial last batch.
+            records_batched = batches[-1].records_done if batches else 0
+            records_kept = batches[kept - 1].records_done if kept else 0
+            self._add(LaneWord.TOKENS_DROPPED, self.task.tokens_dropped + sum(b.tokens for b in batches[kept:]))
+            self._add(LaneWord.EXAMPLES_DROPPED, self.task.examples_dropped + records_batched - records_kept)
             self._add(LaneWord.LABELS_UNKNOWN, self.task.labels_unknown - unknown_before)
-            self._add(LaneWord.EXAMPLES, len(records) - records_before)
+            self._add(LaneWord.EXAMPLES, len(records))
             self._add(LaneWord.CHUNKS, 1)
 
-    def _publish(self, chunk: Chunk, index: int, batch: PendingBatch, last: bool, records_before: int) -> None:
-        seq = self.writer.claim(self._keep_waiting)
-        batch.write(self.writer.views[seq % self.writer.slots])
-        self.writer.publish(seq, chunk.id, index, batch.rows, last, chunk.cursor, batch.records_done, batch.tokens)
+    def _publish(self, chunk: Chunk, index: int, rank: int, batch: PendingBatch, last: bool) -> None:
+        writer = self.writers[rank]
+        seq = writer.claim(self._keep_waiting)
+        batch.write(writer.views[seq % writer.slots])
+        writer.publish(seq, chunk.id, index, batch.rows, last, chunk.cursor, batch.records_done, batch.tokens)
         self._add(LaneWord.BATCHES, 1)
         self._add(LaneWord.TOKENS, batch.tokens)
-        self._add(LaneWord.EXAMPLES, batch.records_done - records_before)
 
     def _report_bad(self, bad: list) -> None:
         self._add(LaneWord.BAD_RECORDS, len(bad))

@@ -59,6 +59,18 @@ class Recipe:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     on_bad_record: str = "skip"
     max_restarts: int = 3
+    world_size: int = 1  # consumer ranks this node's ring serves (torchrun's --nproc-per-node)
+    nnodes: int = 1  # nodes, each running its own daemon over the same recipe
+    node_rank: int = 0
+    shuffle: dict[str, int] | None = None  # {buffer: N}: shuffle records in windows of N, files per epoch
+
+    @property
+    def shuffle_buffer(self) -> int:
+        return self.shuffle["buffer"] if self.shuffle else 0
+
+    @property
+    def global_ranks(self) -> int:
+        return self.world_size * self.nnodes
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -164,6 +176,10 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         chunk_bytes=_typed(data, "chunk_bytes", int, DEFAULT_CHUNK_BYTES, origin),
         on_bad_record=_typed(data, "on_bad_record", str, "skip", origin),
         max_restarts=_typed(data, "max_restarts", int, 3, origin),
+        world_size=_typed(data, "world_size", int, 1, origin),
+        nnodes=_typed(data, "nnodes", int, 1, origin),
+        node_rank=_typed(data, "node_rank", int, 0, origin),
+        shuffle=_shuffle(data.get("shuffle"), origin),
     )
     checks = [
         (recipe.batch_size >= 1, "batch_size", "must be at least 1"),
@@ -176,11 +192,27 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         (recipe.max_batches is None or recipe.max_batches >= 1, "max_batches", "must be at least 1"),
         (recipe.on_bad_record in ("skip", "fail"), "on_bad_record", "must be skip or fail"),
         (recipe.max_restarts >= 0, "max_restarts", "must be >= 0"),
+        (1 <= recipe.world_size <= 64, "world_size", "must be 1..64 ranks per node"),
+        (recipe.nnodes >= 1, "nnodes", "must be at least 1"),
+        (0 <= recipe.node_rank < recipe.nnodes, "node_rank", f"must be 0..nnodes-1 ({recipe.nnodes - 1})"),
+        (recipe.producers * recipe.world_size <= 256, "producers", "times world_size must be at most 256"),
     ]
     for ok, key, why in checks:
         if not ok:
             raise fail(key, f"{why}, got {getattr(recipe, key)!r}")
     return recipe
+
+
+def _shuffle(value: Any, origin: str) -> dict[str, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RecipeError(f"{origin}: shuffle: must be a mapping like {{buffer: 10000}}, got {value!r}")
+    _reject_unknown(value, {"buffer"}, "shuffle.", origin)
+    buffer = value.get("buffer")
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+        raise RecipeError(f"{origin}: shuffle.buffer: must be a number of records >= 1, got {buffer!r}")
+    return {"buffer": buffer}
 
 
 def _reject_unknown(data: dict[str, Any], known: set[str], prefix: str, origin: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from ._errors import RecipeError
 
 STATE_FORMAT = "ringload-state/1"
-_NOT_STREAM = ("name", "producers", "slots", "max_restarts")
+_NOT_STREAM = ("name", "producers", "slots", "max_restarts", "node_rank")  # a state serves every node
 
 
 def stream_identity(header_recipe: dict[str, Any]) -> dict[str, Any]:
@@ -44,6 +44,6 @@ def check_state(state: Any, identity: dict[str, Any]) -> tuple[tuple[int, ...], 
         delivered = int(state["delivered"])
     except (KeyError, TypeError, ValueError):
         raise RecipeError("--resume: the state is incomplete (needs resume, next, delivered)") from None
-    if len(resume) != 6 or len(position) != 2:
+    if len(resume) != 7 or len(position) != 2:
         raise RecipeError("--resume: the state is malformed")
     return resume, position, delivered

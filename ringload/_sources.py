@@ -12,18 +12,30 @@ lines ``{"index": ...}`` are skipped, documents give ``field``), ``csv``/``tsv``
 names the columns; csv fields may be quoted and span lines, so a csv chunk ends only where the
 count of quote characters is even; every csv/tsv chunk carries the header line in front),
 ``parquet`` (read a row group at a time with pyarrow; its rows travel as JSON lines).
+
+Shuffling (recipe ``shuffle: {buffer: N}``) happens here too, so it stays a pure function of the
+recipe: each epoch reads the files in an order drawn from ``(seed, epoch)``, and the records are
+shuffled in *windows*: consecutive blocks are gathered until they hold at least N records
+(csv/tsv windows end with their file, whose header they share), the window's records are permuted
+by a generator seeded with ``(seed, epoch, where the window starts)``, and the permuted records
+are cut into chunks again. A chunk then names its window's start and its ``part`` of the window;
+resuming re-reads the window from its start, which gives the same permutation, and skips the
+parts already delivered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import importlib
 import io
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
+import random
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +44,7 @@ import fsspec.compression
 import fsspec.utils
 
 from ._errors import RecipeError
-from ._http import RemoteReadError, open_url
+from ._http import MeteredFile, RemoteReadError, SourceMeter, open_url
 from ._recipe import Source
 
 
@@ -46,10 +58,11 @@ class Chunk:
     offset: int  # byte offset of the first record in the (decompressed) file
     line: int  # 1-based line number of the first record
     payload: bytes  # whole records; for csv/tsv the file's header line comes first
+    part: int = 0  # with shuffle: the chunk's place among those cut from its shuffle window
 
     @property
-    def cursor(self) -> tuple[int, int, int, int]:
-        return self.epoch, self.file_index, self.offset, self.line
+    def cursor(self) -> tuple[int, int, int, int, int]:
+        return self.epoch, self.file_index, self.offset, self.line, self.part
 
 
 @dataclass
@@ -96,49 +109,141 @@ class SourceError(OSError):
 
 
 def read_chunks(source: Source, files: list[str], chunk_bytes: int, epochs: int | None,
-                start: tuple[int, int, int, int, int] | None = None,
-                on_error: Callable[[SourceError], None] | None = None) -> Iterator[Chunk]:
+                start: tuple[int, int, int, int, int, int] | None = None,
+                on_error: Callable[[SourceError], None] | None = None, shuffle_buffer: int = 0, seed: int = 0,
+                meter: SourceMeter | None = None) -> Iterator[Chunk]:
     """Yield the chunks of every file, epoch after epoch (forever if ``epochs`` is None).
 
-    ``start`` = (chunk id, epoch, file index, byte offset, line) of a chunk this function yielded
-    before: reading resumes there, and the chunks that follow are the same as in a run from the top
-    (a chunk's end depends only on where it starts). A file that breaks off (truncated or corrupt
-    compression, unreadable) raises ``SourceError``, or, given ``on_error``, is reported to it and
-    the rest of that file skipped.
+    ``start`` = (chunk id, epoch, file index, byte offset, line, part) of a chunk this function
+    yielded before: reading resumes there, and the chunks that follow are the same as in a run from
+    the top (a block's end depends only on where it starts; a shuffle window's content and order
+    only on where it starts). A file that breaks off (truncated or corrupt compression, unreadable)
+    raises ``SourceError``, or, given ``on_error``, is reported to it and the rest of that file
+    skipped. ``meter`` counts the bytes fetched.
     """
-    first_id, first_epoch, first_file, first_offset, first_line = start or (0, 0, 0, 0, 1)
-    chunk_id = itertools.count(first_id)
+    first_id, first_epoch, first_file, first_offset, first_line, first_part = start or (0, 0, 0, 0, 1, 0)
+    chunk_ids = itertools.count(first_id)
+    meter = meter or SourceMeter()
     for epoch in itertools.count(first_epoch) if epochs is None else range(first_epoch, epochs):
-        for file_index in range(first_file if epoch == first_epoch else 0, len(files)):
-            resume_here = start is not None and epoch == first_epoch and file_index == first_file
-            offset = 0
-            if source.format == "parquet":
-                first_row = first_offset if resume_here else 0
-                for rows_at, payload in _parquet_payloads(files[file_index], source, chunk_bytes, first_row):
-                    yield Chunk(next(chunk_id), epoch, file_index, rows_at, rows_at + 1, payload)
-                continue
-            try:
-                with open_source(files[file_index], source) as stream:
-                    header = stream.readline() if source.format in ("csv", "tsv") else b""
-                    offset, line = len(header), 1 + bool(header)
-                    if resume_here:
-                        _skip_to(stream, first_offset, offset)
-                        offset, line = first_offset, first_line
-                    while True:
-                        payload = stream.read(chunk_bytes)
-                        if not payload:
-                            break
-                        payload = _complete_records(stream, payload, source)
-                        yield Chunk(next(chunk_id), epoch, file_index, offset, line, header + payload)
-                        offset += len(payload)
-                        line += payload.count(b"\n")
-            except RemoteReadError:
-                raise  # the network gave out: retrying is exhausted, nothing to skip to
-            except Exception as exc:  # truncated gzip, corrupt bz2, a file gone missing...
-                error = SourceError(f"{files[file_index]}: unreadable after byte {offset}: {type(exc).__name__}: {exc}")
-                if on_error is None:
-                    raise error from exc
-                on_error(error)
+        order = file_order(len(files), epoch, seed if shuffle_buffer else None)
+        resume = start is not None and epoch == first_epoch
+        begin = order.index(first_file) if resume else 0
+        blocks = _blocks(source, files, order[begin:], chunk_bytes, epoch,
+                         (first_offset, first_line) if resume else None, on_error, meter)
+        if shuffle_buffer:
+            blocks = _shuffled(blocks, source, shuffle_buffer, chunk_bytes, seed, first_part if resume else 0)
+        for block in blocks:
+            yield dataclasses.replace(block, id=next(chunk_ids))
+
+
+def file_order(count: int, epoch: int, seed: int | None) -> list[int]:
+    """The order in which an epoch reads the files: as listed, or shuffled by ``(seed, epoch)``."""
+    order = list(range(count))
+    if seed is not None:
+        random.Random(f"ringload-files:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def _blocks(source: Source, files: list[str], order: list[int], chunk_bytes: int, epoch: int,
+            resume: tuple[int, int] | None, on_error: Callable[[SourceError], None] | None,
+            meter: SourceMeter) -> Iterator[Chunk]:
+    """One epoch's blocks of about ``chunk_bytes`` of whole records, files in ``order`` (ids unset).
+
+    ``resume`` = (byte offset, line) where reading starts in the first file."""
+    for position, file_index in enumerate(order):
+        first = resume if position == 0 else None
+        offset = 0
+        if source.format == "parquet":
+            first_row = first[0] if first else 0
+            for rows_at, payload in _parquet_payloads(files[file_index], source, chunk_bytes, first_row):
+                yield Chunk(-1, epoch, file_index, rows_at, rows_at + 1, payload)
+            continue
+        try:
+            with open_source(files[file_index], source, meter) as stream:
+                header = stream.readline() if source.format in ("csv", "tsv") else b""
+                offset, line = len(header), 1 + bool(header)
+                if first:
+                    _skip_to(stream, first[0], offset)
+                    offset, line = first
+                while True:
+                    payload = stream.read(chunk_bytes)
+                    if not payload:
+                        break
+                    payload = _complete_records(stream, payload, source)
+                    yield Chunk(-1, epoch, file_index, offset, line, header + payload)
+                    offset += len(payload)
+                    line += payload.count(b"\n")
+        except RemoteReadError:
+            raise  # the network gave out: retrying is exhausted, nothing to skip to
+        except Exception as exc:  # truncated gzip, corrupt bz2, a file gone missing...
+            error = SourceError(f"{files[file_index]}: unreadable after byte {offset}: {type(exc).__name__}: {exc}")
+            if on_error is None:
+                raise error from exc
+            on_error(error)
+
+
+def _shuffled(blocks: Iterable[Chunk], source: Source, buffer: int, chunk_bytes: int, seed: int,
+              first_part: int) -> Iterator[Chunk]:
+    """Shuffle records within windows of at least ``buffer`` records and cut them into chunks again.
+
+    The first window skips its first ``first_part`` chunks (resuming inside it)."""
+    per_file = source.format in ("csv", "tsv")
+    window: list[bytes] = []
+    opening: Chunk | None = None
+    header = b""
+
+    def flush() -> Iterator[Chunk]:
+        nonlocal first_part
+        random.Random(f"ringload-window:{seed}:{opening.epoch}:{opening.file_index}:{opening.offset}").shuffle(window)
+        separator = b"\n\n" if source.format == "text" and source.text_unit == "paragraph" else b"\n"
+        part, pending, size = 0, [], 0
+        for record in window + [None]:
+            if record is not None:
+                pending.append(record)
+                size += len(record) + len(separator)
+            if pending and (size >= chunk_bytes or record is None):
+                if part >= first_part:
+                    payload = header + separator.join(pending) + separator
+                    yield Chunk(-1, opening.epoch, opening.file_index, opening.offset, opening.line, payload, part)
+                part, pending, size = part + 1, [], 0
+        first_part = 0
+        window.clear()
+
+    for block in blocks:
+        if window and per_file and block.file_index != opening.file_index:
+            yield from flush()
+        if not window:
+            opening = block
+        body = block.payload
+        if per_file:
+            cut = body.index(b"\n") + 1
+            header, body = body[:cut], body[cut:]
+        window.extend(_split_records(body, source))
+        if len(window) >= buffer:
+            yield from flush()
+    if window:
+        yield from flush()
+
+
+_BLANK_LINES = re.compile(rb"\n[ \t\r]*\n")
+
+
+def _split_records(body: bytes, source: Source) -> list[bytes]:
+    """A block's records without their terminators (csv records may span lines; paragraphs do)."""
+    if source.format == "text" and source.text_unit == "paragraph":
+        return [p.strip(b"\n") for p in _BLANK_LINES.split(body) if p.strip()]
+    lines = [line for line in body.split(b"\n") if line.strip()]
+    if source.format != "csv":
+        return lines
+    records, pending = [], []
+    for line in lines:
+        pending.append(line)
+        if sum(part.count(b'"') for part in pending) % 2 == 0:
+            records.append(b"\n".join(pending))
+            pending = []
+    if pending:
+        records.append(b"\n".join(pending))
+    return records
 
 
 def _parquet_payloads(path: str, source: Source, chunk_bytes: int, first_row: int) -> Iterator[tuple[int, bytes]]:
@@ -179,17 +284,30 @@ def _parquet_payloads(path: str, source: Source, chunk_bytes: int, first_row: in
 
 
 @contextlib.contextmanager
-def open_source(path: str, source: Source) -> Iterator[Any]:
-    """A binary stream of the file's (decompressed) bytes; HTTP(S) reads resume after dropped connections."""
+def open_source(path: str, source: Source, meter: SourceMeter | None = None) -> Iterator[Any]:
+    """A binary stream of the file's (decompressed) bytes; HTTP(S) reads resume after dropped connections.
+
+    ``meter`` counts the bytes read as stored, and the file's size."""
+    meter = meter or SourceMeter()
     with contextlib.ExitStack() as stack:
         if path.startswith(("http://", "https://")):
-            stream = stack.enter_context(open_url(path, source.retries, source.timeout))
-            compression = fsspec.utils.infer_compression(path)
-            if compression:
-                stream = stack.enter_context(fsspec.compression.compr[compression](stream, mode="rb"))
-            yield stream
+            stream = stack.enter_context(open_url(path, source.retries, source.timeout, meter))
         else:
-            yield stack.enter_context(fsspec.open(path, mode="rb", compression="infer", **source.storage_options))
+            opened = stack.enter_context(fsspec.open(path, mode="rb", **source.storage_options))
+            meter.listed += _size_of(opened)
+            stream = stack.enter_context(io.BufferedReader(MeteredFile(opened, meter), buffer_size=1 << 20))
+        compression = fsspec.utils.infer_compression(path.split("::")[0])  # zip://member::archive: the member's
+        if compression:
+            stream = stack.enter_context(fsspec.compression.compr[compression](stream, mode="rb"))
+        yield stream
+
+
+def _size_of(opened: Any) -> int:
+    """The stored size of an open fsspec file, or 0 if its filesystem cannot tell."""
+    try:
+        return int(getattr(opened, "size", None) or opened.fs.size(opened.path) or 0)
+    except Exception:  # noqa: BLE001 - a size is only reported, never needed
+        return 0
 
 
 def _skip_to(stream: Any, offset: int, position: int) -> None:

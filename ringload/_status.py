@@ -9,7 +9,7 @@ import numpy as np
 
 from ._errors import RingError
 from ._lanes import STAT_WORDS, LaneWord
-from ._layout import Ring, SlotWord, State, Word, read_position
+from ._layout import ConsumerWord, Ring, SlotWord, State, Word, read_position
 from ._names import list_ring_names, pid_alive
 
 
@@ -24,24 +24,31 @@ def ring_status(name: str) -> dict[str, Any]:
 
 def _snapshot(ring: Ring) -> dict[str, Any]:
     g, get = ring.geometry, ring.get
-    lanes = []
-    filled = 0
-    for p in range(g.lanes):
-        published, released = get(ring.lane_word(p, LaneWord.PUBLISHED)), get(ring.lane_word(p, LaneWord.RELEASED))
-        filled += published - released
+    def filled_of(lane: int) -> int:
+        return get(ring.lane_word(lane, LaneWord.PUBLISHED)) - get(ring.lane_word(lane, LaneWord.RELEASED))
+
+    producers = []
+    for p in range(g.producers):  # a producer's statistics are in its rank-0 lane, lane p
         pid = get(ring.lane_word(p, LaneWord.PID))
-        lanes.append({
+        producers.append({
             "lane": p,
             "pid": pid,
             "alive": pid_alive(pid),
             **{key: get(ring.lane_word(p, word)) for key, word in STAT_WORDS.items()},
             "restarts": get(ring.lane_word(p, LaneWord.RESTARTS)),
             "current_chunk": get(ring.lane_word(p, LaneWord.CURRENT_CHUNK)),
-            "slots_filled": published - released,
+            "slots_filled": sum(filled_of(ring.rank_lanes(r)[p]) for r in range(g.ranks)),
         })
+    consumers = []
+    for rank in range(g.ranks):
+        block = ring.consumer_block(rank)
+        position = read_position(ring.words, block)
+        consumers.append({"rank": rank, "pid": get(block + ConsumerWord.PID) or None, "chunk": position.next_chunk,
+                          "index": position.next_index, "delivered": position.delivered})
+    filled = sum(filled_of(lane) for lane in range(g.lanes))
     daemon_pid = get(Word.DAEMON_PID)
     end = get(Word.END_CHUNK)
-    position = read_position(ring.words)
+    recipe = ring.recipe().get("recipe", {})
     return {
         "name": ring.name,
         "state": ring.state.name.lower(),
@@ -49,18 +56,20 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
         "daemon_pid": daemon_pid,
         "daemon_alive": pid_alive(daemon_pid),
         "heartbeat_age_s": round(time.time() - get(Word.HEARTBEAT_NS) / 1e9, 3),
-        "consumer_pid": get(Word.CONSUMER_PID) or None,
-        "position": {"chunk": position.next_chunk, "index": position.next_index, "delivered": position.delivered},
+        "consumers": consumers,
         "end_chunk": end if end >= 0 else None,
         "source_errors": get(Word.SOURCE_ERRORS),
+        "source_bytes": {"fetched": get(Word.BYTES_FETCHED), "listed": get(Word.BYTES_LISTED)},
+        "sharding": {"ranks": g.ranks, "nnodes": recipe.get("nnodes", 1), "node_rank": recipe.get("node_rank", 0)},
         "geometry": {
-            "lanes": g.lanes, "slots_per_lane": g.slots, "batch_size": g.batch_size, "bytes": ring.total_size,
+            "lanes": g.lanes, "producers": g.producers, "slots_per_lane": g.slots, "batch_size": g.batch_size,
+            "bytes": ring.total_size,
             "fields": [{"name": f.name, "dtype": np.dtype(f.dtype).name, "shape": list(f.shape)} for f in g.fields],
         },
         "fill": {"slots_filled": filled, "slots_total": g.lanes * g.slots, "fraction": round(filled / (g.lanes * g.slots), 4)},
         "rates": {"batches_per_s": round(ring.get_float(Word.BATCHES_PER_S), 2),
                   "tokens_per_s": round(ring.get_float(Word.TOKENS_PER_S), 1)},
-        "producers": lanes,
+        "producers": producers,
     }
 
 
@@ -80,13 +89,15 @@ def list_rings() -> list[dict[str, Any]]:
     return rings
 
 
-def peek(name: str, k: int = 0, timeout: float = 10.0) -> dict[str, Any]:
-    """Copy the ``k``-th published batch after the consumer's position, without consuming it."""
+def peek(name: str, k: int = 0, timeout: float = 10.0, rank: int = 0) -> dict[str, Any]:
+    """Copy the ``k``-th published batch after rank ``rank``'s position, without consuming it."""
     ring = Ring.attach(name)
     try:
+        if not 0 <= rank < ring.geometry.ranks:
+            raise RingError(f"ring {name!r} serves ranks 0..{ring.geometry.ranks - 1}, not {rank}")
         deadline = time.monotonic() + timeout
         while True:
-            found = _try_peek(ring, k)
+            found = _try_peek(ring, k, rank)
             if found is not None:
                 return found
             if ring.state in (State.FAILED, State.STOPPING) or time.monotonic() > deadline:
@@ -97,12 +108,12 @@ def peek(name: str, k: int = 0, timeout: float = 10.0) -> dict[str, Any]:
         ring.close()
 
 
-def _try_peek(ring: Ring, k: int) -> dict[str, Any] | None:
+def _try_peek(ring: Ring, k: int, rank: int) -> dict[str, Any] | None:
     g, get = ring.geometry, ring.get
-    current = read_position(ring.words)
+    current = read_position(ring.words, ring.consumer_block(rank))
     position = (current.next_chunk, current.next_index)
     candidates = []
-    for p in range(g.lanes):
+    for p in ring.rank_lanes(rank):
         published, released = get(ring.lane_word(p, LaneWord.PUBLISHED)), get(ring.lane_word(p, LaneWord.RELEASED))
         for seq in range(released, published):
             base = ring.slot_word(p, seq % g.slots, 0)

@@ -231,7 +231,7 @@ def running_producer(name: str, lane: int, victims: list[int]) -> int:
 def due_lane(name: str) -> int:
     """The lane working on (or last done with) the chunk the consumer waits for; lane 0 if none is."""
     status = ringload.ring_status(name)
-    due = [p["lane"] for p in status["producers"] if p["current_chunk"] == status["position"]["chunk"]]
+    due = [p["lane"] for p in status["producers"] if p["current_chunk"] == status["consumers"][0]["chunk"]]
     return due[0] if due else 0
 
 
@@ -335,7 +335,7 @@ def consumer_trial(setup: Setup, trial: Trial) -> None:
             if kill_time is not None:
                 trial.kills += 1
                 last_kill = kill_time
-            now = ringload.ring_status(setup.name)["position"]["delivered"]
+            now = ringload.ring_status(setup.name)["consumers"][0]["delivered"]
             where = f"consumer {run} (exit code {code})"
             trial.compared += len(lines)
             wrong = [n for j, (n, d, _) in enumerate(lines)

@@ -132,3 +132,46 @@ def assert_same_stream(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndar
         assert x.keys() == y.keys()
         for key in x:
             assert np.array_equal(x[key], y[key]), f"batch {i} field {key} differs"
+
+
+RECORD_BYTES = 64  # fixed-width lines: a 1024-byte chunk holds exactly 16 records
+
+
+def write_records(path: Path, ids: range, fixed: bool) -> None:
+    """jsonl records {"text", "label": id}; fixed-width lines if ``fixed``, prose of varying length otherwise."""
+    texts = make_texts(len(ids), seed=ids.start)
+    with path.open("w") as out:
+        for i, text in zip(ids, texts):
+            if fixed:
+                line = json.dumps({"text": "", "label": i})
+                line = json.dumps({"text": "w" * (RECORD_BYTES - 1 - len(line)), "label": i})
+                assert len(line) == RECORD_BYTES - 1
+            else:
+                line = json.dumps({"text": text, "label": i})
+            out.write(line + "\n")
+
+
+@pytest.fixture
+def id_recipe(tmp_path, tokenizer_path):
+    """A classify recipe whose labels are record ids (so batches say which records they hold), over
+    ``files`` files, fixed-width lines (16 to a 1024-byte chunk) or prose of varying length."""
+
+    def write(files: int, records: int, fixed: bool = True, **overrides) -> Path:
+        per_file = records // files
+        paths = []
+        for f in range(files):
+            path = tmp_path / f"part-{f}.jsonl"
+            write_records(path, range(f * per_file, (f + 1) * per_file), fixed)
+            paths.append(str(path))
+        recipe = {
+            "name": "shard", "tokenizer": tokenizer_path, "batch_size": 2, "producers": 2, "epochs": 1,
+            "chunk_bytes": 1024, "seed": 3,
+            "source": {"paths": paths, "format": "jsonl", "field": "text", "label_field": "label"},
+            "task": {"type": "classify", "seq_len": 16, "num_labels": records},
+            **overrides,
+        }
+        path = tmp_path / f"recipe-{files}-{records}-{fixed}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write

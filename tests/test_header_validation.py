@@ -54,7 +54,7 @@ TEMPLATE_RECIPE = {"task": "mlm", "batch_size": 4, "note": "template for header 
 IDENTITY = {
     "version": (8, "<I"), "header_size": (12, "<I"), "total_size": (16, "<Q"), "lanes": (24, "<I"),
     "slots": (28, "<I"), "slot_size": (32, "<Q"), "lanes_offset": (40, "<Q"), "slots_offset": (48, "<Q"),
-    "fields": (56, "<I"), "batch_size": (60, "<I"),
+    "fields": (56, "<H"), "ranks": (58, "<H"), "batch_size": (60, "<I"),
 }
 # Schema entry (64 bytes each, at SCHEMA_OFFSET): numeric members.
 SCHEMA = {"ndim": (32, "<I"), "d0": (36, "<I"), "d1": (40, "<I"), "d2": (44, "<I"), "offset": (48, "<Q"),

@@ -31,7 +31,7 @@ import _ringtools as rt  # noqa: E402
 
 import ringload  # noqa: E402
 from ringload._lanes import LaneWord, LaneWriter, acquire, repair_after_producer_death  # noqa: E402
-from ringload._layout import LANE_BLOCK, LINE, SLOT_HEADER_SIZE, Field, Geometry, Ring, SlotWord, Word  # noqa: E402
+from ringload._layout import LANE_BLOCK, LINE, SLOT_HEADER_SIZE, ConsumerWord, Field, Geometry, Ring, SlotWord, Word  # noqa: E402
 from ringload._names import SHM_DIR, list_semaphore_rings  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def test_created_objects_are_private(rings):
     entries = rt.shm_entries(name)
     sem_entries = [e for e in entries if e.startswith("sem.ringload.")]
     assert f"ringload.{name}" in entries
-    assert len(sem_entries) == 1 + 2 * 3  # doorbell + filled.P + free.P for 3 lanes
+    assert len(sem_entries) == 1 + 2 * 3  # doorbell.0 + filled.L + free.L for 3 lanes
     assert sorted(list_semaphore_rings()[name]) == sorted("/" + e[len("sem."):] for e in sem_entries)
     for entry in entries:
         st_ = os.stat(os.path.join(SHM_DIR, entry))
@@ -213,7 +213,7 @@ def test_stress_two_lanes_checksummed(rings):
             assert time.monotonic() < deadline, f"stalled at {expected}"
             for proc in procs:
                 assert proc.is_alive() or proc.exitcode == 0, f"producer died with exit code {proc.exitcode}"
-            acquire(sems.doorbell, 0.2)  # sleep until any lane publishes
+            acquire(sems.doorbells[0], 0.2)  # sleep until any lane publishes
     elapsed = time.monotonic() - started
     for proc in procs:
         proc.join(30)
@@ -221,7 +221,7 @@ def test_stress_two_lanes_checksummed(rings):
     for lane in (0, 1):
         assert rt.counters(ring, lane)[:3] == (per_lane, per_lane, per_lane)
         _assert_tokens_exact(ring, sems, lane)
-    assert sems.doorbell.value <= 2 * per_lane
+    assert sems.doorbells[0].value <= 2 * per_lane
     assert elapsed < 30, f"100k batches took {elapsed:.1f} s"
 
 
@@ -394,8 +394,8 @@ def test_repair_posts_filled_for_a_published_but_unposted_batch(rings):
     reader = rt.LaneReader(ring, sems, 0)
     for seq in range(2):
         rt.fill_and_publish(writer, writer.claim(lambda: False, poll=0))
-    while sems.doorbell.value:
-        sems.doorbell.acquire(0)
+    while sems.doorbells[0].value:
+        sems.doorbells[0].acquire(0)
     # Batch 2 written and published, but its producer died before posting `filled`.
     seq = writer.claim(lambda: False, poll=0)
     writer.views[seq % 4]["x"][...] = rt.payload(0, seq)
@@ -407,9 +407,9 @@ def test_repair_posts_filled_for_a_published_but_unposted_batch(rings):
     assert [reader.take(0), reader.take(0), reader.take(0)] == [0, 1, None]  # batch 2 is stuck without repair
     assert sems.filled[0].value == 0 and rt.counters(ring, 0) == (0, 2, 3, 2)
     repair_after_producer_death(ring, sems, 0)
-    assert rt.counters(ring, 0)[3] == 3 and sems.filled[0].value == 1 and sems.doorbell.value == 1
+    assert rt.counters(ring, 0)[3] == 3 and sems.filled[0].value == 1 and sems.doorbells[0].value == 1
     repair_after_producer_death(ring, sems, 0)  # idempotent
-    assert sems.filled[0].value == 1 and sems.doorbell.value == 1
+    assert sems.filled[0].value == 1 and sems.doorbells[0].value == 1
     assert reader.take(0) == 2
     reader.verify(2)
     for s in range(3):
@@ -509,7 +509,7 @@ def test_loader_absorbs_a_surplus_filled_token(rings):
 
     with ringload.connect(name, timeout=10) as loader:
         sems.filled[0].release()
-        sems.doorbell.release()
+        sems.doorbells[0].release()
         thread = threading.Thread(target=producer)
         thread.start()
         try:
@@ -543,7 +543,7 @@ def test_loader_claim_recovers_a_dead_consumer(rings, lost):
     else:
         dead._release(0, 1)  # released seq 1 ...
         sems.free[0].acquire(0)  # ... but died before its free post
-    ring.set(Word.CONSUMER_PID, _dead_pid())
+    ring.set(ring.consumer_block(0) + ConsumerWord.PID, _dead_pid())
     del dead
     with ringload.connect(name, timeout=5) as loader:
         assert rt.counters(ring, 0)[0] == 2  # the held batch went back to the producer
