@@ -40,8 +40,12 @@ from ._layout import (
 )
 from ._names import pid_alive
 from ._resume import STATE_FORMAT, stream_identity
+from ._sources import Chunk
+from ._stream import ResumePoint
 
 POLL_S = 0.1
+_CURSOR_WORDS = (SlotWord.EPOCH, SlotWord.FILE_INDEX, SlotWord.CHUNK_OFFSET, SlotWord.CHUNK_LINE, SlotWord.PART,
+                 SlotWord.SOURCE, SlotWord.LAP, SlotWord.PICK)  # Chunk's fields after the id, as stamped
 HEARTBEAT_TIMEOUT_S = 5.0
 
 
@@ -57,7 +61,9 @@ class Loader:
         self.timeout = timeout
         self.ring = ring = Ring.attach(name)
         self.sems = None
-        recipe = ring.recipe().get("recipe", {})
+        header = ring.recipe()
+        recipe = header.get("recipe", {})
+        self._sources = len(header.get("files", [[]]))
         try:
             self.rank = resolve_rank(name, rank, ring.geometry.ranks, recipe.get("nnodes", 1),
                                      recipe.get("node_rank", 0))
@@ -108,6 +114,7 @@ class Loader:
                             "each rank is served to one consumer (start the ring with --world-size for more ranks)")
         w[pid_word] = os.getpid()
         self.position = read_position(w, self._block)
+        self._resume = ResumePoint.from_words(self.position.resume)
         self.next_chunk, self.next_index, self.delivered = (self.position.next_chunk, self.position.next_index,
                                                             self.position.delivered)
         self._search = (self.next_chunk, self.next_index)  # the next batch to look for
@@ -197,9 +204,10 @@ class Loader:
             self.delivered += 1
             self.epoch = w[base + SlotWord.EPOCH]
         # Ranks move in step, so the resume point is the end of this batch's group of one batch per rank.
-        cursor = (chunk, (index // every + 1) * every, w[base + SlotWord.EPOCH], w[base + SlotWord.FILE_INDEX],
-                  w[base + SlotWord.CHUNK_OFFSET], w[base + SlotWord.CHUNK_LINE], w[base + SlotWord.PART])
-        self.position = Position(self.next_chunk, self.next_index, self.delivered, cursor)
+        where = Chunk(chunk, *(w[base + word] for word in _CURSOR_WORDS[:4]), b"",
+                      *(w[base + word] for word in _CURSOR_WORDS[4:]))
+        self._resume = self._resume.after(where, chunk, (index // every + 1) * every)
+        self.position = Position(self.next_chunk, self.next_index, self.delivered, self._resume.words())
         write_position(w, self._block, self.position)
 
     def _find(self) -> tuple[int, int] | None:
@@ -301,7 +309,7 @@ class Loader:
             "stream": stream_identity(self.ring.recipe()),
             "delivered": self.delivered,
             "next": [self.next_chunk, self.next_index - self.global_rank],  # the same for every rank
-            "resume": list(self.position.resume),
+            "resume": self._resume.to_json(self._sources),
         }
 
     def close(self) -> None:

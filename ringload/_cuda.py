@@ -1,6 +1,6 @@
 """CUDA staging: batches copied from page-locked ring memory to the GPU on a side stream.
 
-The consumer registers the ring's slot region with ``cudaHostRegister``, so each field of a
+The consumer registers its rank's slot region with ``cudaHostRegister``, so each field of a
 slot is pinned host memory that the GPU's copy engine reads directly. ``prefetch`` batches
 ahead, a dedicated copy stream issues ``non_blocking`` host-to-device copies (and the casts to
 the dtypes the model wants, on the device) and records an event per batch. Handing a batch out
@@ -41,8 +41,10 @@ class CudaStager:
         self.handed_out: deque[tuple[int, int, Any]] = deque()  # handed out, slot not yet released
         self.exhausted = False
         ring = loader.ring
-        start = ring.slots_offset
-        length = ring.geometry.lanes * ring.geometry.slots * ring.slot_size
+        # Only this rank's lanes: they are contiguous (lane r * P + p), so each rank pins its own slots.
+        lanes = ring.rank_lanes(loader.rank)
+        start = ring.slots_offset + lanes[0] * ring.geometry.slots * ring.slot_size
+        length = len(lanes) * ring.geometry.slots * ring.slot_size
         self._region = np.frombuffer(ring._mem, dtype=np.uint8, count=length, offset=start)
         self._pointer = self._region.ctypes.data
         code = torch.cuda.cudart().cudaHostRegister(self._pointer, length, CUDA_HOST_REGISTER_PORTABLE)

@@ -45,7 +45,8 @@ from ._producer import ERROR, WANT, encode_chunk, producer_main
 from ._recipe import Recipe
 from ._resume import check_state, stream_identity
 from ._http import SourceMeter
-from ._sources import Chunk, Hooks, expand_paths, read_chunks
+from ._sources import Chunk, Hooks, expand_paths
+from ._stream import ResumePoint, read_stream
 from ._tasks import build_task
 
 HEARTBEAT_S = 0.25
@@ -108,30 +109,31 @@ class Daemon:
         self.sources_done = False  # the reader's end marker has been taken from the queue
         self.wake_r, self.wake_w = os.pipe()
         self.producers: list[ProducerSlot] = []
-        self.files: list[str] = []
+        self.files: list[list[str]] = []  # per source
         self.context = multiprocessing.get_context("spawn")
         self.ring: Ring | None = None
         self.sems: Semaphores | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self) -> int:
-        files = expand_paths(self.recipe.source)
-        Hooks.load(self.recipe.source)  # a hook that does not import fails here, before any producer runs
+        files = [expand_paths(source) for source in self.recipe.sources]
+        for source in self.recipe.sources:
+            Hooks.load(source)  # a hook that does not import fails here, before any producer runs
         geometry = geometry_for(self.recipe)
         header_recipe = {"recipe": self.recipe.to_dict(), "files": files}
         start = None
         if self.resume_state is not None:
-            cursor, position, delivered = check_state(self.resume_state, stream_identity(header_recipe))
-            if cursor[0] >= 0:
-                start = (cursor[0], *cursor[2:])
-                self.first_skip = (cursor[0], cursor[1])
+            start, position, delivered = check_state(self.resume_state, stream_identity(header_recipe))
+            if start.chunk >= 0:
+                self.first_skip = (start.chunk, start.skip)
         reclaim_if_dead(self.name)
         self.ring = Ring.create(self.name, geometry, header_recipe)
         for rank in range(geometry.ranks):
             # Rank r's first batch of a chunk is index g (its global rank). A state is rank-independent:
             # its `next` holds the due chunk and the index due for global rank 0.
             first = self.recipe.node_rank * geometry.ranks + rank
-            due = Position(0, first) if start is None else Position(position[0], position[1] + first, delivered, cursor)
+            due = (Position(0, first) if start is None else
+                   Position(position[0], position[1] + first, delivered, start.words()))
             write_position(self.ring.words, self.ring.consumer_block(rank), due)
         try:
             self.sems = Semaphores(self.name, geometry.lanes, geometry.slots, geometry.ranks)
@@ -192,14 +194,12 @@ class Daemon:
         log.info("ring %s: stopped and removed", self.name)
 
     # -- the reader thread -------------------------------------------------------------------
-    def _read(self, files: list[str], start: tuple[int, int, int, int, int, int] | None) -> None:
-        count = start[0] if start else 0
+    def _read(self, files: list[list[str]], start: ResumePoint | None) -> None:
+        count = max(start.chunk, 0) if start else 0
         meter = SourceMeter()
         try:
             skip_broken = self._count_source_error if self.recipe.on_bad_record == "skip" else None
-            recipe = self.recipe
-            for chunk in read_chunks(recipe.source, files, recipe.chunk_bytes, recipe.epochs, start, skip_broken,
-                                     recipe.shuffle_buffer, recipe.seed, meter):
+            for chunk in read_stream(self.recipe, files, start, skip_broken, meter):
                 self.ring.set(Word.BYTES_FETCHED, meter.fetched)
                 self.ring.set(Word.BYTES_LISTED, meter.listed)
                 while not self.stop_requested.is_set():

@@ -192,12 +192,14 @@ class LaneWriter:
             if not keep_waiting():
                 raise InterruptedError("lane wait abandoned")
 
-    def publish(self, seq: int, chunk: int, index: int, rows: int, last: bool,
-                cursor: tuple[int, int, int, int, int], records_done: int, tokens: int, checksum: int = 0) -> None:
-        """Stamp the slot header, then make the slot visible: published, post filled, post doorbell."""
+    def publish(self, seq: int, chunk: int, index: int, rows: int, last: bool, cursor: tuple[int, ...],
+                records_done: int, tokens: int, checksum: int = 0) -> None:
+        """Stamp the slot header, then make the slot visible: published, post filled, post doorbell.
+
+        ``cursor`` is ``Chunk.cursor``: epoch, file index, offset, line, part, source, lap, pick."""
         w = self.words
         base = self.ring.slot_word(self.lane, seq % self.slots, 0)
-        epoch, file_index, chunk_offset, chunk_line, part = cursor
+        epoch, file_index, chunk_offset, chunk_line, part, source, lap, pick = cursor
         w[base + SlotWord.CHUNK] = chunk
         w[base + SlotWord.INDEX] = index
         w[base + SlotWord.ROWS] = rows
@@ -210,6 +212,9 @@ class LaneWriter:
         w[base + SlotWord.TOKENS] = tokens
         w[base + SlotWord.CHECKSUM] = checksum
         w[base + SlotWord.PART] = part
+        w[base + SlotWord.SOURCE] = source
+        w[base + SlotWord.LAP] = lap
+        w[base + SlotWord.PICK] = pick
         w[base + SlotWord.SEQ] = seq
         w[self._published] = seq + 1
         self._filled.release()

@@ -22,11 +22,12 @@ Byte layout::
     1792   recipe: length u32 + JSON text of the resolved recipe (up to the header's end)
     lanes_offset   one LANE_BLOCK (4 lines) per lane, see ``_lanes``
     consumers_offset = lanes_offset + lanes * LANE_BLOCK
-                   one CONSUMER_BLOCK (4 lines) per consumer rank (rank r's consumer writes it,
+                   one CONSUMER_BLOCK (16 lines) per consumer rank (rank r's consumer writes it,
                    the daemon and CLI read it): consumer_pid | position_generation
-                   | position record 0 (10 words) | position record 1 (10 words)
-                   a position record: next_chunk | next_index | delivered | resume_chunk
-                   | resume_skip | resume_epoch | resume_file | resume_offset | resume_line | resume_part
+                   | position record 0 (56 words) | position record 1 (56 words)
+                   a position record: next_chunk | next_index | delivered | resume point (53 words:
+                   chunk | skip | epoch | pick | source | per source x 8: seen | lap | file_index
+                   | offset | line | part; see ``_stream.ResumePoint``)
     slots_offset   lanes x slots fixed-size slots; lane l, slot j at slots_offset + (l*slots+j)*slot_size
 
 A ring serving ``ranks`` consumer ranks with ``P`` producers has ``lanes = ranks * P``: lane
@@ -36,7 +37,7 @@ are one contiguous block). Every lane keeps one writer and one reader.
 Slot layout::
 
     0      slot header (2 lines): seq | chunk | index | rows | flags | epoch | file_index
-           | chunk_offset | chunk_line | records_done | tokens | checksum | part
+           | chunk_offset | chunk_line | records_done | tokens | checksum | part | source | lap | pick
     128    each field's array, C-contiguous, at its schema offset (64-byte aligned)
 
 States of the ring (``state``): STARTING -> RUNNING -> STOPPING, or FAILED with the error text set
@@ -65,6 +66,7 @@ import posix_ipc
 
 from ._errors import RingError
 from ._names import shm_name, validate_name
+from ._recipe import MAX_SOURCES
 
 MAGIC = b"RINGLOAD"
 VERSION = 3
@@ -78,7 +80,10 @@ ERROR_OFFSET = SCHEMA_OFFSET + MAX_FIELDS * LINE
 ERROR_CAPACITY = 1020
 RECIPE_OFFSET = ERROR_OFFSET + 4 + ERROR_CAPACITY
 LANE_BLOCK = 4 * LINE
-CONSUMER_BLOCK = 4 * LINE
+CONSUMER_BLOCK = 16 * LINE
+SOURCE_CURSOR_WORDS = 6  # seen | lap | file_index | offset | line | part
+RESUME_WORDS = 5 + MAX_SOURCES * SOURCE_CURSOR_WORDS
+POSITION_WORDS = 3 + RESUME_WORDS
 SLOT_HEADER_SIZE = 2 * LINE
 ALLOWED_DTYPES = ("|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<f2", "<f4", "<f8", "|b1")
 
@@ -114,7 +119,7 @@ class ConsumerWord:
 
     PID = 0
     POSITION_GENERATION = 1  # which of the two position records is current: generation % 2
-    POSITION_RECORDS = (2, 12)
+    POSITION_RECORDS = (2, 2 + POSITION_WORDS)
 
 
 class SlotWord:
@@ -133,6 +138,9 @@ class SlotWord:
     TOKENS = 10
     CHECKSUM = 11
     PART = 12
+    SOURCE = 13
+    LAP = 14
+    PICK = 15
 
 
 FLAG_LAST_IN_CHUNK = 1
@@ -140,20 +148,19 @@ FLAG_LAST_IN_CHUNK = 1
 
 @dataclass(frozen=True)
 class Position:
-    """Where a consumer rank stands: the next batch due, batches delivered, and the checkpoint
-    cursor (the chunk of the last delivered batch, how many of its batches the stream has
-    delivered, where that chunk starts in the sources, and its part of a shuffle window)."""
+    """Where a consumer rank stands: the next batch due, batches delivered, and the resume point
+    (``_stream.ResumePoint.words()``)."""
 
     next_chunk: int = 0
     next_index: int = 0
     delivered: int = 0
-    resume: tuple[int, int, int, int, int, int, int] = (-1, 0, 0, 0, 0, 1, 0)
+    resume: tuple[int, ...] = (-1, 0, 0, 0, 0) + (0, 0, 0, 0, 1, 0) * MAX_SOURCES
 
     def words(self) -> tuple[int, ...]:
         return (self.next_chunk, self.next_index, self.delivered, *self.resume)
 
 
-_POSITION = struct.Struct("<10q")
+_POSITION = struct.Struct(f"<{POSITION_WORDS}q")
 
 
 def read_position(words: memoryview, block: int) -> Position:
@@ -161,7 +168,7 @@ def read_position(words: memoryview, block: int) -> Position:
     mid-update leaves the previous one current."""
     generation = words[block + ConsumerWord.POSITION_GENERATION]
     base = block + ConsumerWord.POSITION_RECORDS[generation % 2]
-    values = words[base:base + 10].tolist()
+    values = words[base:base + POSITION_WORDS].tolist()
     return Position(values[0], values[1], values[2], tuple(values[3:]))
 
 
@@ -169,7 +176,7 @@ def write_position(words: memoryview, block: int, position: Position) -> None:
     """Write the idle record, then make it current with one aligned 8-byte store."""
     generation = words[block + ConsumerWord.POSITION_GENERATION] + 1
     base = block + ConsumerWord.POSITION_RECORDS[generation % 2]
-    words[base:base + 10] = memoryview(_POSITION.pack(*position.words())).cast("q")
+    words[base:base + POSITION_WORDS] = memoryview(_POSITION.pack(*position.words())).cast("q")
     words[block + ConsumerWord.POSITION_GENERATION] = generation
 
 

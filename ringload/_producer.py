@@ -3,8 +3,8 @@
 A producer is started by the daemon with ``spawn`` and talks to it over one pipe:
 
 * producer -> daemon: ``W`` (give me a chunk) or ``E<message>`` (I failed; the message says why);
-* daemon -> producer: a chunk, as ``CHUNK_HEADER`` (id, epoch, file index, byte offset, first line,
-  shuffle-window part, batches to skip) followed by the chunk's raw lines.
+* daemon -> producer: a chunk, as ``CHUNK_HEADER`` (id, ``Chunk.cursor``, batches to skip) followed
+  by the chunk's raw lines.
 
 It asks for a chunk only when it has finished the previous one, so the daemon always knows the
 one chunk a producer holds and can hand it to a replacement if the producer dies; ``skip`` then
@@ -31,7 +31,7 @@ from ._recipe import parse_recipe
 from ._sources import Chunk, Hooks, parse_records
 from ._tasks import PendingBatch, build_task
 
-CHUNK_HEADER = struct.Struct("<qqqqqqq")
+CHUNK_HEADER = struct.Struct("<10q")
 WANT = b"W"
 ERROR = b"E"
 BAD_RECORDS_LOGGED = 5
@@ -43,15 +43,15 @@ def encode_chunk(chunk: Chunk, skip: int) -> bytes:
 
 
 def decode_chunk(message: bytes) -> tuple[Chunk, int]:
-    chunk_id, epoch, file_index, offset, line, part, skip = CHUNK_HEADER.unpack_from(message)
-    return Chunk(chunk_id, epoch, file_index, offset, line, message[CHUNK_HEADER.size:], part), skip
+    chunk_id, epoch, file_index, offset, line, part, source, lap, pick, skip = CHUNK_HEADER.unpack_from(message)
+    return Chunk(chunk_id, epoch, file_index, offset, line, message[CHUNK_HEADER.size:], part, source, lap, pick), skip
 
 
 class Producer:
     """Producer ``lane``: parses, tokenizes and shapes chunks, publishing its node's batches in
     order into its lane of each rank (``lane``, ``lane + P``, ...)."""
 
-    def __init__(self, ring_name: str, lane: int, conn: Connection, recipe: dict[str, Any], files: list[str]):
+    def __init__(self, ring_name: str, lane: int, conn: Connection, recipe: dict[str, Any], files: list[list[str]]):
         self.lane, self.conn, self.files = lane, conn, files
         self.recipe = parse_recipe(recipe)
         self.ring = Ring.attach(ring_name)
@@ -61,7 +61,7 @@ class Producer:
         self.global_ranks = self.recipe.global_ranks
         self.first_rank = self.recipe.node_rank * ranks  # global rank of this node's local rank 0
         self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed)
-        self.hooks = Hooks.load(self.recipe.source)
+        self.hooks = [Hooks.load(source) for source in self.recipe.sources]
         self.daemon_pid = os.getppid()
         self.bad_logged = 0
 
@@ -87,12 +87,13 @@ class Producer:
 
     def process(self, chunk: Chunk, skip: int) -> None:
         """Publish this node's batches of the chunk from index ``skip`` on (the dealing rule is in ``_lanes``)."""
-        path, numbered = self.files[chunk.file_index], chunk
+        path, numbered = self.files[chunk.source][chunk.file_index], chunk
         if self.recipe.shuffle:  # records were permuted: number them within this chunk instead
             path = f"{path} (shuffle window from line {chunk.line}, part {chunk.part}; lines of that part)"
             numbered = dataclasses.replace(chunk, line=1)
         unknown_before = self.task.labels_unknown
-        records, bad = parse_records(numbered, self.recipe.source, path, self.task.convert_label, self.hooks)
+        records, bad = parse_records(numbered, self.recipe.sources[chunk.source], path, self.task.convert_label,
+                                     self.hooks[chunk.source])
         if bad:
             self._report_bad(bad)
         self._stat(LaneWord.CURRENT_CHUNK, chunk.id)
@@ -147,7 +148,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)  # the daemon died before the request took effect
 
 
-def producer_main(ring_name: str, lane: int, conn: Connection, recipe: dict[str, Any], files: list[str],
+def producer_main(ring_name: str, lane: int, conn: Connection, recipe: dict[str, Any], files: list[list[str]],
                   daemon_pid: int) -> None:
     """Entry point of a spawned producer process."""
     _die_with_parent(daemon_pid)

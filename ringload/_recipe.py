@@ -19,6 +19,8 @@ from ._errors import RecipeError
 
 FORMATS = ("text", "jsonl", "cirrussearch", "csv", "tsv", "parquet")
 DEFAULT_CHUNK_BYTES = 1 << 20
+MAX_SOURCES = 8
+STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted")
 ASSETS_ENV = "RINGLOAD_ASSETS"
 _HOOK = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
@@ -41,12 +43,13 @@ class Source:
     retries: int = 8  # HTTP(S): reconnections in a row before a read fails
     timeout: float = 60.0  # HTTP(S): seconds without data before reconnecting
     storage_options: dict[str, Any] = dataclass_field(default_factory=dict)
+    weight: float = 1.0  # with several sources: this source's share of the stream's chunks
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    source: Source
+    sources: tuple[Source, ...]
     tokenizer: str
     task: dict[str, Any]
     batch_size: int = 32
@@ -63,6 +66,7 @@ class Recipe:
     nnodes: int = 1  # nodes, each running its own daemon over the same recipe
     node_rank: int = 0
     shuffle: dict[str, int] | None = None  # {buffer: N}: shuffle records in windows of N, files per epoch
+    stopping_strategy: str = "first_exhausted"  # several sources: an epoch ends when the first / every one runs out
 
     @property
     def shuffle_buffer(self) -> int:
@@ -74,16 +78,19 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["source"]["paths"] = list(self.source.paths)
+        data["sources"] = [{**source, "paths": list(source["paths"])} for source in data["sources"]]
         return data
 
     def replace(self, **changes: Any) -> Recipe:
         data = self.to_dict()
-        data.update({k: v for k, v in changes.items() if v is not None})
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "source" in changes:
+            del data["sources"]
+        data.update(changes)
         return parse_recipe(data)
 
 
-_TOP_KEYS = {f for f in Recipe.__dataclass_fields__}
+_TOP_KEYS = {f for f in Recipe.__dataclass_fields__} | {"source"}
 _SOURCE_KEYS = {f for f in Source.__dataclass_fields__}
 
 
@@ -111,43 +118,14 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
     if not isinstance(data, dict):
         raise RecipeError(f"{origin}: a recipe is a mapping of keys, got {type(data).__name__}")
     _reject_unknown(data, _TOP_KEYS, "", origin)
-    for required in ("name", "source", "tokenizer", "task"):
+    for required in ("name", "tokenizer", "task"):
         if required not in data:
-            raise fail(required, "missing (required keys: name, source, tokenizer, task)")
+            raise fail(required, "missing (required keys: name, source or sources, tokenizer, task)")
 
-    src = data["source"]
-    if not isinstance(src, dict):
-        raise fail("source", "must be a mapping with paths, format, field")
-    _reject_unknown(src, _SOURCE_KEYS, "source.", origin)
-    paths = src.get("paths")
-    if isinstance(paths, str):
-        paths = [paths]
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
-        raise fail("source.paths", "must be a non-empty list of file paths, globs or URLs")
-    fmt = src.get("format", "text")
-    if fmt not in FORMATS:
-        raise fail("source.format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
-    field_name = _typed(src, "field", str, "text", origin, "source.")
-    pair_field = _typed(src, "pair_field", str, None, origin, "source.")
-    label_field = _typed(src, "label_field", str, None, origin, "source.")
-    if fmt == "text" and (pair_field or label_field):
-        raise fail("source.format", "text files hold bare lines: use jsonl, csv or tsv for pairs and labels")
-    text_unit = _typed(src, "text_unit", str, "line", origin, "source.")
-    if text_unit not in ("line", "paragraph"):
-        raise fail("source.text_unit", f"must be line or paragraph, got {text_unit!r}")
-    hooks = {key: _typed(src, key, str, None, origin, "source.") for key in ("filter", "map")}
-    for key, spec in hooks.items():
-        if spec is not None and not _HOOK.match(spec):
-            raise fail(f"source.{key}", f"must name a function as module:function, got {spec!r}")
-    retries = _typed(src, "retries", int, 8, origin, "source.")
-    timeout = src.get("timeout", 60.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600 or retries < 0:
-        raise fail("source.timeout", "source.timeout must be 0 < seconds <= 3600 and source.retries >= 0")
-    storage_options = src.get("storage_options") or {}
-    if not isinstance(storage_options, dict):
-        raise fail("source.storage_options", "must be a mapping")
-    source = Source(tuple(_resolve(p, base_dir) for p in paths), fmt, field_name, pair_field, label_field,
-                    text_unit, hooks["filter"], hooks["map"], retries, float(timeout), storage_options)
+    sources = _parse_sources(data, base_dir, origin)
+    stopping = _typed(data, "stopping_strategy", str, "first_exhausted", origin)
+    if stopping not in STOPPING_STRATEGIES:
+        raise fail("stopping_strategy", f"must be {' or '.join(STOPPING_STRATEGIES)}, got {stopping!r}")
 
     task = data["task"]
     if not isinstance(task, dict) or "type" not in task:
@@ -163,7 +141,8 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
 
     recipe = Recipe(
         name=name,
-        source=source,
+        sources=sources,
+        stopping_strategy=stopping,
         tokenizer=_resolve(tokenizer, base_dir),
         task=task,
         batch_size=_typed(data, "batch_size", int, 32, origin),
@@ -213,6 +192,60 @@ def _shuffle(value: Any, origin: str) -> dict[str, int] | None:
     if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
         raise RecipeError(f"{origin}: shuffle.buffer: must be a number of records >= 1, got {buffer!r}")
     return {"buffer": buffer}
+
+
+def _parse_sources(data: dict[str, Any], base_dir: Path | None, origin: str) -> tuple[Source, ...]:
+    """``source:`` (one mapping) or ``sources:`` (a list of them, each with a ``weight``)."""
+    if ("source" in data) == ("sources" in data):
+        raise RecipeError(f"{origin}: give either source (one mapping) or sources (a list of mappings with weight)")
+    if "source" in data:
+        return (_parse_source(data["source"], "source", base_dir, origin),)
+    listed = data["sources"]
+    if not isinstance(listed, list) or not listed or len(listed) > MAX_SOURCES:
+        raise RecipeError(f"{origin}: sources: must be a list of 1..{MAX_SOURCES} source mappings")
+    return tuple(_parse_source(src, f"sources[{i}]", base_dir, origin) for i, src in enumerate(listed))
+
+
+def _parse_source(src: Any, key: str, base_dir: Path | None, origin: str) -> Source:
+    def fail(sub: str, why: str) -> RecipeError:
+        return RecipeError(f"{origin}: {key}.{sub}: {why}")
+
+    if not isinstance(src, dict):
+        raise RecipeError(f"{origin}: {key}: must be a mapping with paths, format, field")
+    _reject_unknown(src, _SOURCE_KEYS, f"{key}.", origin)
+    paths = src.get("paths")
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        raise fail("paths", "must be a non-empty list of file paths, globs or URLs")
+    fmt = src.get("format", "text")
+    if fmt not in FORMATS:
+        raise fail("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
+    prefix = f"{key}."
+    field_name = _typed(src, "field", str, "text", origin, prefix)
+    pair_field = _typed(src, "pair_field", str, None, origin, prefix)
+    label_field = _typed(src, "label_field", str, None, origin, prefix)
+    if fmt == "text" and (pair_field or label_field):
+        raise fail("format", "text files hold bare lines: use jsonl, csv or tsv for pairs and labels")
+    text_unit = _typed(src, "text_unit", str, "line", origin, prefix)
+    if text_unit not in ("line", "paragraph"):
+        raise fail("text_unit", f"must be line or paragraph, got {text_unit!r}")
+    hooks = {hook: _typed(src, hook, str, None, origin, prefix) for hook in ("filter", "map")}
+    for hook, spec in hooks.items():
+        if spec is not None and not _HOOK.match(spec):
+            raise fail(hook, f"must name a function as module:function, got {spec!r}")
+    retries = _typed(src, "retries", int, 8, origin, prefix)
+    timeout = src.get("timeout", 60.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600 or retries < 0:
+        raise fail("timeout", f"{key}.timeout must be 0 < seconds <= 3600 and {key}.retries >= 0")
+    storage_options = src.get("storage_options") or {}
+    if not isinstance(storage_options, dict):
+        raise fail("storage_options", "must be a mapping")
+    weight = src.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+        raise fail("weight", f"must be a positive number (a share of the mixed stream), got {weight!r}")
+    return Source(tuple(_resolve(p, base_dir) for p in paths), fmt, field_name, pair_field, label_field,
+                  text_unit, hooks["filter"], hooks["map"], retries, float(timeout), storage_options, float(weight))
 
 
 def _reject_unknown(data: dict[str, Any], known: set[str], prefix: str, origin: str) -> None:

@@ -1,10 +1,10 @@
 """Checkpoints: what identifies a stream, and checking a saved state against a new run.
 
-A state (``Loader.state_dict()``) names the chunk of the last delivered batch, how many of its
-batches were delivered, and where that chunk starts in the sources. A daemon started with it
-reads the sources from there, gives the first chunk's producer that many batches to skip, and
-sets the consumer's position, so the batches after the checkpoint are those of an uninterrupted
-run. Only recipe keys that change the stream are compared; ring name, producers, slots and
+A state (``Loader.state_dict()``) holds the resume point (``_stream.ResumePoint``: the chunk of
+the last delivered batch, how many of its batches were delivered, where each source stands). A
+daemon started with it reads the sources from there, gives the first chunk's producer that many
+batches to skip, and sets every rank's position, so the batches after the checkpoint are those of
+an uninterrupted run. Only recipe keys that change the stream are compared; ring name, producers, slots and
 restarts may differ.
 """
 
@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from ._errors import RecipeError
+from ._stream import ResumePoint
 
-STATE_FORMAT = "ringload-state/1"
+STATE_FORMAT = "ringload-state/2"
 _NOT_STREAM = ("name", "producers", "slots", "max_restarts", "node_rank")  # a state serves every node
 
 
@@ -24,8 +25,8 @@ def stream_identity(header_recipe: dict[str, Any]) -> dict[str, Any]:
     return {"recipe": recipe, "files": header_recipe.get("files", [])}
 
 
-def check_state(state: Any, identity: dict[str, Any]) -> tuple[tuple[int, ...], list[int], int]:
-    """Validate a state against this run; return (resume cursor, next position, batches delivered)."""
+def check_state(state: Any, identity: dict[str, Any]) -> tuple[ResumePoint, list[int], int]:
+    """Validate a state against this run; return (resume point, next position, batches delivered)."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise RecipeError(f"--resume: not a ringload state (expected format {STATE_FORMAT!r})")
     saved = state.get("stream", {})
@@ -39,11 +40,11 @@ def check_state(state: Any, identity: dict[str, Any]) -> tuple[tuple[int, ...], 
         raise RecipeError("--resume: the state comes from a different stream; it differs in "
                           + "; ".join(differences))
     try:
-        resume = tuple(int(v) for v in state["resume"])
+        resume = ResumePoint.from_json(state["resume"])
         position = [int(v) for v in state["next"]]
         delivered = int(state["delivered"])
     except (KeyError, TypeError, ValueError):
         raise RecipeError("--resume: the state is incomplete (needs resume, next, delivered)") from None
-    if len(resume) != 7 or len(position) != 2:
+    if len(position) != 2:
         raise RecipeError("--resume: the state is malformed")
     return resume, position, delivered

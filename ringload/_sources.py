@@ -1,10 +1,10 @@
-"""Sources: reading raw records and cutting them into numbered chunks.
+"""Sources: opening files, cutting them into blocks of whole records, and parsing records.
 
-The daemon's reader thread is the only reader of the sources: it cuts them, in order, into chunks
-of about ``chunk_bytes`` of whole records (a chunk never spans two files) and numbers them 0, 1,
-2... The chunk sequence is a pure function of the recipe, which is what makes the stream
-deterministic whichever producer happens to process a chunk. Producers parse a chunk into records
-(``parse_records``), so JSON and CSV decoding run in parallel.
+The daemon's reader thread is the only reader of the sources: it cuts each file, in order, into
+blocks of about ``chunk_bytes`` of whole records (a block never spans two files; where a block
+ends depends only on where it starts). ``_stream`` orders, shuffles and mixes the blocks into the
+numbered chunks of the stream. Producers parse a chunk into records (``parse_records``), so JSON
+and CSV decoding run in parallel.
 
 Formats: ``text`` (one example per line), ``jsonl`` (one JSON object per line, the text under
 ``field``), ``cirrussearch`` (Elasticsearch bulk lines as in Wikipedia's CirrusSearch dumps: action
@@ -12,15 +12,6 @@ lines ``{"index": ...}`` are skipped, documents give ``field``), ``csv``/``tsv``
 names the columns; csv fields may be quoted and span lines, so a csv chunk ends only where the
 count of quote characters is even; every csv/tsv chunk carries the header line in front),
 ``parquet`` (read a row group at a time with pyarrow; its rows travel as JSON lines).
-
-Shuffling (recipe ``shuffle: {buffer: N}``) happens here too, so it stays a pure function of the
-recipe: each epoch reads the files in an order drawn from ``(seed, epoch)``, and the records are
-shuffled in *windows*: consecutive blocks are gathered until they hold at least N records
-(csv/tsv windows end with their file, whose header they share), the window's records are permuted
-by a generator seeded with ``(seed, epoch, where the window starts)``, and the permuted records
-are cut into chunks again. A chunk then names its window's start and its ``part`` of the window;
-resuming re-reads the window from its start, which gives the same permutation, and skips the
-parts already delivered.
 """
 
 from __future__ import annotations
@@ -30,12 +21,9 @@ import csv
 import dataclasses
 import importlib
 import io
-import itertools
 import json
 import os
-import random
-import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,19 +38,23 @@ from ._recipe import Source
 
 @dataclass(frozen=True)
 class Chunk:
-    """A run of whole lines from one file, and where it starts (for messages and resume)."""
+    """A run of whole records of one source, and where it starts (for messages and resume)."""
 
     id: int
     epoch: int
-    file_index: int
+    file_index: int  # in its source's file list
     offset: int  # byte offset of the first record in the (decompressed) file
     line: int  # 1-based line number of the first record
     payload: bytes  # whole records; for csv/tsv the file's header line comes first
     part: int = 0  # with shuffle: the chunk's place among those cut from its shuffle window
+    source: int = 0  # which of the recipe's sources
+    lap: int = 0  # the source's pass within the epoch (all_exhausted restarts a source that ran out)
+    pick: int = 0  # the chunk's number within its epoch
 
     @property
-    def cursor(self) -> tuple[int, int, int, int, int]:
-        return self.epoch, self.file_index, self.offset, self.line, self.part
+    def cursor(self) -> tuple[int, ...]:
+        """Everything but the id and the payload, as the slot header and the pipe carry it."""
+        return self.epoch, self.file_index, self.offset, self.line, self.part, self.source, self.lap, self.pick
 
 
 @dataclass
@@ -108,55 +100,26 @@ class SourceError(OSError):
     """A file could not be read to its end; the message names the file and the byte offset."""
 
 
-def read_chunks(source: Source, files: list[str], chunk_bytes: int, epochs: int | None,
-                start: tuple[int, int, int, int, int, int] | None = None,
-                on_error: Callable[[SourceError], None] | None = None, shuffle_buffer: int = 0, seed: int = 0,
-                meter: SourceMeter | None = None) -> Iterator[Chunk]:
-    """Yield the chunks of every file, epoch after epoch (forever if ``epochs`` is None).
+def read_blocks(source: Source, files: list[str], order: list[int], chunk_bytes: int, stamp: Chunk,
+                resume: tuple[int, int] | None, on_error: Callable[[SourceError], None] | None,
+                meter: SourceMeter) -> Iterator[Chunk]:
+    """Blocks of about ``chunk_bytes`` of whole records (a block never spans two files), reading
+    ``files`` in ``order``; each block copies ``stamp``'s epoch, source and lap (its id is unset).
 
-    ``start`` = (chunk id, epoch, file index, byte offset, line, part) of a chunk this function
-    yielded before: reading resumes there, and the chunks that follow are the same as in a run from
-    the top (a block's end depends only on where it starts; a shuffle window's content and order
-    only on where it starts). A file that breaks off (truncated or corrupt compression, unreadable)
-    raises ``SourceError``, or, given ``on_error``, is reported to it and the rest of that file
-    skipped. ``meter`` counts the bytes fetched.
-    """
-    first_id, first_epoch, first_file, first_offset, first_line, first_part = start or (0, 0, 0, 0, 1, 0)
-    chunk_ids = itertools.count(first_id)
-    meter = meter or SourceMeter()
-    for epoch in itertools.count(first_epoch) if epochs is None else range(first_epoch, epochs):
-        order = file_order(len(files), epoch, seed if shuffle_buffer else None)
-        resume = start is not None and epoch == first_epoch
-        begin = order.index(first_file) if resume else 0
-        blocks = _blocks(source, files, order[begin:], chunk_bytes, epoch,
-                         (first_offset, first_line) if resume else None, on_error, meter)
-        if shuffle_buffer:
-            blocks = _shuffled(blocks, source, shuffle_buffer, chunk_bytes, seed, first_part if resume else 0)
-        for block in blocks:
-            yield dataclasses.replace(block, id=next(chunk_ids))
+    ``resume`` = (byte offset, line) where reading starts in the first file. A file that breaks off
+    (truncated or corrupt compression, unreadable) raises ``SourceError``, or, given ``on_error``,
+    is reported to it and the rest of that file skipped."""
 
+    def block(file_index: int, offset: int, line: int, payload: bytes) -> Chunk:
+        return dataclasses.replace(stamp, file_index=file_index, offset=offset, line=line, payload=payload)
 
-def file_order(count: int, epoch: int, seed: int | None) -> list[int]:
-    """The order in which an epoch reads the files: as listed, or shuffled by ``(seed, epoch)``."""
-    order = list(range(count))
-    if seed is not None:
-        random.Random(f"ringload-files:{seed}:{epoch}").shuffle(order)
-    return order
-
-
-def _blocks(source: Source, files: list[str], order: list[int], chunk_bytes: int, epoch: int,
-            resume: tuple[int, int] | None, on_error: Callable[[SourceError], None] | None,
-            meter: SourceMeter) -> Iterator[Chunk]:
-    """One epoch's blocks of about ``chunk_bytes`` of whole records, files in ``order`` (ids unset).
-
-    ``resume`` = (byte offset, line) where reading starts in the first file."""
     for position, file_index in enumerate(order):
         first = resume if position == 0 else None
         offset = 0
         if source.format == "parquet":
             first_row = first[0] if first else 0
             for rows_at, payload in _parquet_payloads(files[file_index], source, chunk_bytes, first_row):
-                yield Chunk(-1, epoch, file_index, rows_at, rows_at + 1, payload)
+                yield block(file_index, rows_at, rows_at + 1, payload)
             continue
         try:
             with open_source(files[file_index], source, meter) as stream:
@@ -170,7 +133,7 @@ def _blocks(source: Source, files: list[str], order: list[int], chunk_bytes: int
                     if not payload:
                         break
                     payload = _complete_records(stream, payload, source)
-                    yield Chunk(-1, epoch, file_index, offset, line, header + payload)
+                    yield block(file_index, offset, line, header + payload)
                     offset += len(payload)
                     line += payload.count(b"\n")
         except RemoteReadError:
@@ -180,70 +143,6 @@ def _blocks(source: Source, files: list[str], order: list[int], chunk_bytes: int
             if on_error is None:
                 raise error from exc
             on_error(error)
-
-
-def _shuffled(blocks: Iterable[Chunk], source: Source, buffer: int, chunk_bytes: int, seed: int,
-              first_part: int) -> Iterator[Chunk]:
-    """Shuffle records within windows of at least ``buffer`` records and cut them into chunks again.
-
-    The first window skips its first ``first_part`` chunks (resuming inside it)."""
-    per_file = source.format in ("csv", "tsv")
-    window: list[bytes] = []
-    opening: Chunk | None = None
-    header = b""
-
-    def flush() -> Iterator[Chunk]:
-        nonlocal first_part
-        random.Random(f"ringload-window:{seed}:{opening.epoch}:{opening.file_index}:{opening.offset}").shuffle(window)
-        separator = b"\n\n" if source.format == "text" and source.text_unit == "paragraph" else b"\n"
-        part, pending, size = 0, [], 0
-        for record in window + [None]:
-            if record is not None:
-                pending.append(record)
-                size += len(record) + len(separator)
-            if pending and (size >= chunk_bytes or record is None):
-                if part >= first_part:
-                    payload = header + separator.join(pending) + separator
-                    yield Chunk(-1, opening.epoch, opening.file_index, opening.offset, opening.line, payload, part)
-                part, pending, size = part + 1, [], 0
-        first_part = 0
-        window.clear()
-
-    for block in blocks:
-        if window and per_file and block.file_index != opening.file_index:
-            yield from flush()
-        if not window:
-            opening = block
-        body = block.payload
-        if per_file:
-            cut = body.index(b"\n") + 1
-            header, body = body[:cut], body[cut:]
-        window.extend(_split_records(body, source))
-        if len(window) >= buffer:
-            yield from flush()
-    if window:
-        yield from flush()
-
-
-_BLANK_LINES = re.compile(rb"\n[ \t\r]*\n")
-
-
-def _split_records(body: bytes, source: Source) -> list[bytes]:
-    """A block's records without their terminators (csv records may span lines; paragraphs do)."""
-    if source.format == "text" and source.text_unit == "paragraph":
-        return [p.strip(b"\n") for p in _BLANK_LINES.split(body) if p.strip()]
-    lines = [line for line in body.split(b"\n") if line.strip()]
-    if source.format != "csv":
-        return lines
-    records, pending = [], []
-    for line in lines:
-        pending.append(line)
-        if sum(part.count(b'"') for part in pending) % 2 == 0:
-            records.append(b"\n".join(pending))
-            pending = []
-    if pending:
-        records.append(b"\n".join(pending))
-    return records
 
 
 def _parquet_payloads(path: str, source: Source, chunk_bytes: int, first_row: int) -> Iterator[tuple[int, bytes]]:

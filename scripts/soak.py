@@ -70,7 +70,7 @@ def produce(name: str, lane: int, lanes: int, total: int, done: Connection) -> N
         seq = writer.claim(lambda: os.getppid() == parent)
         array = payload(k, shape)
         writer.views[seq % writer.slots]["x"][...] = array
-        writer.publish(seq, k, seq, shape[0], True, (0, 0, 0, 0, 0), shape[0], array.size, checksum=checksum(k, array))
+        writer.publish(seq, k, seq, shape[0], True, (0, 0, 0, 1, 0, 0, 0, 0), shape[0], array.size, checksum=checksum(k, array))
     done.recv()
     del writer
     sems.close()

@@ -171,7 +171,7 @@ def fill(writer: LaneWriter, seq: int) -> int:
 
 def publish(writer: LaneWriter, seq: int, crc: int) -> None:
     """Publish batch ``seq`` (chunk = lane, index = seq) with its checksum in the slot header."""
-    writer.publish(seq, writer.lane, seq, ROWS, False, (0, 0, 0, 0, 0), seq, ROWS * COLS, checksum=crc)
+    writer.publish(seq, writer.lane, seq, ROWS, False, (0, 0, 0, 1, 0, 0, 0, 0), seq, ROWS * COLS, checksum=crc)
 
 
 def fill_and_publish(writer: LaneWriter, seq: int) -> None:

@@ -115,13 +115,15 @@ def test_bounded_retries_fail_with_url_and_offset(server):
 
 def test_ring_over_a_flaky_server_equals_the_local_stream(recipe_file, ring_name, server, corpus):
     """A gzip jsonl served with dropped connections streams batch for batch what the local file does,
-    and the file crosses the network once however many producers there are."""
+    and the file crosses the network once however many producers there are (as `ringload status` reports)."""
     faults, url = server
     faults.data = gzip.compress(corpus["jsonl"].read_bytes())
     faults.cuts, faults.cut_bytes = 3, 40_000
     remote = recipe_file(source={"paths": [url + ".jsonl.gz"]}, producers=3)
     with ringload.start(remote, name=ring_name):
         got = drain(ring_name)
+        reported = ringload.ring_status(ring_name)["source_bytes"]
+    assert reported == {"fetched": len(faults.data), "listed": len(faults.data)}
     with ringload.start(recipe_file(), name=ring_name):
         reference = drain(ring_name)
     assert len(got) == len(reference)

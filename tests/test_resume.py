@@ -79,14 +79,14 @@ def test_a_half_written_position_record_is_never_read(ring_name):
     ring = Ring.create(ring_name, Geometry(1, 2, 1, (Field("x", np.dtype("<i4"), (1, 4)),)), {})
     try:
         block = ring.consumer_block(0)
-        first = Position(3, 1, 40, (3, 1, 0, 0, 123, 9, 0))
+        first = Position(3, 1, 40, (3, 1, 0, 7, 0) + (1, 0, 0, 123, 9, 0) * 8)
         write_position(ring.words, block, first)
         generation = ring.words[block + ConsumerWord.POSITION_GENERATION]
         idle = block + ConsumerWord.POSITION_RECORDS[(generation + 1) % 2]
         ring.words[idle] = 4  # the killed writer got as far as next_chunk of the next record
         ring.words[idle + 1] = 0
         assert read_position(ring.words, block) == first
-        second = Position(4, 0, 41, (3, 2, 0, 0, 123, 9, 0))
+        second = Position(4, 0, 41, (3, 2, 0, 7, 0) + (1, 0, 0, 123, 9, 0) * 8)
         write_position(ring.words, block, second)
         assert read_position(ring.words, block) == second
     finally:

@@ -151,3 +151,25 @@ def test_torchrun_ddp_trains_two_ranks_from_one_ring(recipe_file, ring_name, tmp
     assert reports[0]["weights"] == reports[1]["weights"]  # DDP kept the replicas identical
     assert not set(reports[0]["batches"]) & set(reports[1]["batches"])  # each rank saw its own batches
     assert all(np.isfinite(r["losses"]).all() and len(r["losses"]) == 6 for r in reports)
+
+
+def test_killed_producer_leaves_every_rank_stream_unchanged(id_recipe, ring_name):
+    """SIGKILL of a producer that writes into two ranks' lanes: both ranks still see their reference streams."""
+    import signal
+
+    recipe = id_recipe(1, 16 * 40, slots=2)
+    reference, _ = run_nodes(recipe, ring_name, nnodes=1, world_size=2)
+    with ringload.start(recipe, name=ring_name, world_size=2) as ring:
+        loaders = [ringload.connect(ring.name, rank=r) for r in range(2)]
+        got: dict[int, list[list[int]]] = {0: [], 1: []}
+        for _ in range(5):  # in step, as DDP ranks are: a rank can run ahead only as far as the lanes hold
+            for r in range(2):
+                got[r].append(next(loaders[r])["labels"].tolist())
+        os.kill(ringload.ring_status(ring.name)["producers"][0]["pid"], signal.SIGKILL)
+        for r, loader in enumerate(loaders):
+            loader.close()
+        rest = consume_ranks([ring.name], 2)
+        restarts = ringload.ring_status(ring.name)["producers"][0]["restarts"]
+    assert restarts == 1
+    for r in range(2):
+        assert got[r] + rest[r] == reference[r]

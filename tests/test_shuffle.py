@@ -8,7 +8,8 @@ import pytest
 
 import ringload
 from ringload._recipe import Source
-from ringload._sources import file_order, read_chunks
+from ringload._sources import parse_records
+from ringload._stream import file_order, read_stream
 
 
 def ids_of(name: str, **connect) -> list[list[int]]:
@@ -49,7 +50,7 @@ def test_file_order_is_reshuffled_every_epoch(id_recipe, ring_name):
         ids = [i for e, batch in stream if e == epoch for i in batch]
         assert Counter(ids) == Counter(range(files * per_file))
         orders.append(list(dict.fromkeys(i // per_file for i in ids)))
-    assert orders == [file_order(files, e, 3) for e in range(3)]  # seed 3 is the recipe's
+    assert orders == [file_order(files, 3, e, 0, 0) for e in range(3)]  # seed 3 is the recipe's; source 0, lap 0
     assert len({tuple(o) for o in orders}) > 1
 
 
@@ -64,7 +65,7 @@ def test_resume_inside_a_shuffle_window(id_recipe, ring_name, cut):
             for _ in range(cut):
                 next(loader)
             state = loader.state_dict()
-    assert state["resume"][-1] > 0 or cut == 3  # the cut at 9 lies past the first chunk of a window
+    assert state["resume"]["sources"][0][5] == (cut > 8)  # the cut at 9 lies in the second part of a window
     with ringload.start(recipe, name=ring_name, resume=state) as ring:
         assert ids_of(ring.name) == reference[cut:]
 
@@ -82,9 +83,9 @@ def test_shuffled_windows_keep_every_record_whole(tmp_path, fmt):
         path = tmp_path / "data.txt"
         path.write_text("\n\n".join(rows) + "\n")
         source = Source((str(path),), "text", text_unit="paragraph")
-    from ringload._sources import parse_records
-
-    chunks = list(read_chunks(source, [str(path)], 1024, 1, shuffle_buffer=50, seed=5))
+    recipe = ringload.Recipe("s", (source,), "-", {"type": "mlm"}, chunk_bytes=1024, epochs=1, seed=5,
+                             shuffle={"buffer": 50})
+    chunks = list(read_stream(recipe, [[str(path)]]))
     texts = [t for c in chunks for t in parse_records(c, source, str(path))[0].texts]
     expected = [f"line one of {i}\nline two of {i}" for i in range(300)] if fmt == "csv" else rows
     assert sorted(texts) == sorted(expected) and texts != expected

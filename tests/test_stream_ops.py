@@ -34,14 +34,15 @@ def test_epoch_boundaries_are_visible(recipe_file, ring_name):
 
 def test_paragraph_text_unit(tmp_path):
     """text_unit: paragraph makes each blank-line-separated block one example, never split across chunks."""
-    from ringload._sources import read_chunks
+    from ringload._stream import read_stream
 
     paragraphs = ["\n".join(make_texts(3, seed=i)) for i in range(300)]
     path = tmp_path / "p.txt"
     path.write_text("\n\n".join(paragraphs) + "\n")
     source = Source((str(path),), "text", text_unit="paragraph")
     texts = []
-    for chunk in read_chunks(source, [str(path)], 2048, 1):
+    recipe = ringload.Recipe("p", (source,), "-", {"type": "mlm"}, chunk_bytes=2048, epochs=1)
+    for chunk in read_stream(recipe, [[str(path)]]):
         texts += parse_records(chunk, source, str(path))[0].texts
     assert texts == paragraphs
 

@@ -1,0 +1,223 @@
+"""The stream: the numbered chunks the reader hands out, as a pure function of the recipe.
+
+Per epoch (forever, or ``epochs`` times), every source is read in passes (*laps*): a lap reads
+the source's files in order, or, with ``shuffle``, in an order drawn from ``(seed, epoch, source,
+lap)``, cutting them into blocks (``_sources.read_blocks``).
+
+Shuffling (``shuffle: {buffer: N}``): consecutive blocks of a lap are gathered into a *window*
+until it holds at least N records (csv/tsv windows end with their file, whose header they share);
+its records are permuted by a generator seeded with the window's start, and cut into chunks
+again. A chunk names its window's start and its ``part`` of the window.
+
+Mixing (``sources:`` with ``weight``): the chunk with number ``pick`` within the epoch comes from
+source ``schedule[pick]``, a smooth weighted round-robin over the weights that never depends on
+the data, so each source's share of chunks follows its weight exactly. When the chosen source's
+lap runs out, ``stopping_strategy`` decides: ``first_exhausted`` ends the epoch;
+``all_exhausted`` starts that source's next lap, until every source has run out once.
+
+Resuming. A :class:`ResumePoint` names the chunk of the last delivered batch (id, epoch, pick,
+source, batches of it delivered) and, per source, the start of the last chunk of that source in
+the epoch so far. Reading restarts every source there, skips each source's already-delivered
+chunk (re-reading one chunk per source), re-yields the resume chunk itself, and continues the
+schedule from its pick: the chunks that follow are those of an uninterrupted run, because where
+a block or window ends, and how a window is permuted, depend only on where it starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import RecipeError
+from ._http import SourceMeter
+from ._layout import SOURCE_CURSOR_WORDS
+from ._recipe import MAX_SOURCES, Recipe, Source
+from ._sources import Chunk, SourceError, read_blocks
+
+_UNSEEN = (0, 0, 0, 0, 1, 0)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a stream stands after the last delivered batch (``chunk`` -1: before the first)."""
+
+    chunk: int = -1
+    skip: int = 0  # batches of ``chunk`` delivered (by all ranks together)
+    epoch: int = 0
+    pick: int = 0
+    source: int = 0
+    sources: tuple[tuple[int, ...], ...] = (_UNSEEN,) * MAX_SOURCES  # per source: seen, lap, file, offset, line, part
+
+    def words(self) -> tuple[int, ...]:
+        return (self.chunk, self.skip, self.epoch, self.pick, self.source, *itertools.chain(*self.sources))
+
+    @classmethod
+    def from_words(cls, words: Iterable[int]) -> ResumePoint:
+        w = list(words)
+        n = SOURCE_CURSOR_WORDS
+        return cls(*w[:5], tuple(tuple(w[5 + i * n:5 + (i + 1) * n]) for i in range(MAX_SOURCES)))
+
+    def after(self, chunk: Chunk, chunk_id: int, skip: int) -> ResumePoint:
+        """The point after a batch of ``chunk`` (as the slot header describes it): ``skip`` delivered."""
+        sources = list(self.sources) if chunk.epoch == self.epoch else [_UNSEEN] * MAX_SOURCES
+        sources[chunk.source] = (1, chunk.lap, chunk.file_index, chunk.offset, chunk.line, chunk.part)
+        return ResumePoint(chunk_id, skip, chunk.epoch, chunk.pick, chunk.source, tuple(sources))
+
+    def to_json(self, n_sources: int) -> dict[str, Any]:
+        return {"chunk": self.chunk, "skip": self.skip, "epoch": self.epoch, "pick": self.pick, "source": self.source,
+                "sources": [list(s) for s in self.sources[:n_sources]]}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ResumePoint:
+        try:
+            sources = [tuple(int(v) for v in s) for s in data["sources"]]
+            if not 1 <= len(sources) <= MAX_SOURCES or any(len(s) != SOURCE_CURSOR_WORDS for s in sources):
+                raise ValueError
+            sources += [_UNSEEN] * (MAX_SOURCES - len(sources))
+            return cls(int(data["chunk"]), int(data["skip"]), int(data["epoch"]), int(data["pick"]),
+                       int(data["source"]), tuple(sources))
+        except (KeyError, TypeError, ValueError):
+            raise RecipeError("--resume: the state's resume point is malformed") from None
+
+
+def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | None = None,
+                on_error: Callable[[SourceError], None] | None = None,
+                meter: SourceMeter | None = None) -> Iterator[Chunk]:
+    """Yield the stream's chunks, numbered from 0 (or from ``start.chunk``, which is yielded again)."""
+    meter = meter or SourceMeter()
+    resuming = start is not None and start.chunk >= 0
+    chunk_ids = itertools.count(start.chunk if resuming else 0)
+    first_epoch = start.epoch if resuming else 0
+    for epoch in itertools.count(first_epoch) if recipe.epochs is None else range(first_epoch, recipe.epochs):
+        point = start if resuming and epoch == first_epoch else None
+        laps, exhausted = [], []
+        for j, source in enumerate(recipe.sources):
+            seen, lap, file_index, offset, line, part = point.sources[j] if point else _UNSEEN
+            where = (file_index, offset, line, part) if seen else None
+            chunks = _lap(recipe, source, j, files[j], epoch, lap, where, on_error, meter)
+            if seen and j != point.source:
+                next(chunks, None)  # that source's last chunk was delivered already
+            laps.append([lap, chunks])
+            exhausted.append(lap > 0)
+        schedule = weighted_schedule([s.weight for s in recipe.sources])
+        pick = point.pick if point else 0
+        for _ in range(pick):
+            next(schedule)
+        for j in schedule:
+            chunk = next(laps[j][1], None)
+            if chunk is None:
+                exhausted[j] = True
+                if recipe.stopping_strategy == "first_exhausted" or all(exhausted):
+                    break
+                laps[j][0] += 1
+                laps[j][1] = _lap(recipe, recipe.sources[j], j, files[j], epoch, laps[j][0], None, on_error, meter)
+                chunk = next(laps[j][1], None)
+                if chunk is None:
+                    break  # a source with no records at all
+            yield dataclasses.replace(chunk, id=next(chunk_ids), pick=pick)
+            pick += 1
+        if pick == 0:
+            raise SourceError(f"epoch {epoch} of the sources yielded no records: are the files empty?")
+
+
+def weighted_schedule(weights: list[float]) -> Iterator[int]:
+    """Smooth weighted round-robin: source ``i`` gets ``weights[i] / sum`` of the picks, evenly spread."""
+    credit, total = [0.0] * len(weights), sum(weights)
+    while True:
+        for i, w in enumerate(weights):
+            credit[i] += w
+        chosen = max(range(len(weights)), key=credit.__getitem__)
+        credit[chosen] -= total
+        yield chosen
+
+
+def file_order(count: int, seed: int | None, *key: int) -> list[int]:
+    """The order in which a lap reads the files: as listed, or shuffled by ``(seed, *key)``."""
+    order = list(range(count))
+    if seed is not None:
+        random.Random(f"ringload-files:{seed}:{':'.join(map(str, key))}").shuffle(order)
+    return order
+
+
+def _lap(recipe: Recipe, source: Source, index: int, files: list[str], epoch: int, lap: int,
+         where: tuple[int, int, int, int] | None, on_error: Callable[[SourceError], None] | None,
+         meter: SourceMeter) -> Iterator[Chunk]:
+    """One pass over a source's files, from ``where`` = (file index, offset, line, part) if given."""
+    buffer = recipe.shuffle_buffer
+    order = file_order(len(files), recipe.seed if buffer else None, epoch, index, lap)
+    stamp = Chunk(-1, epoch, 0, 0, 1, b"", 0, index, lap)
+    begin = order.index(where[0]) if where else 0
+    blocks = read_blocks(source, files, order[begin:], recipe.chunk_bytes, stamp, where[1:3] if where else None,
+                         on_error, meter)
+    if buffer:
+        blocks = _shuffled(blocks, source, buffer, recipe.chunk_bytes, recipe.seed, where[3] if where else 0)
+    return iter(blocks)
+
+
+def _shuffled(blocks: Iterable[Chunk], source: Source, buffer: int, chunk_bytes: int, seed: int,
+              first_part: int) -> Iterator[Chunk]:
+    """Shuffle records within windows of at least ``buffer`` records and cut them into chunks again.
+
+    The first window starts at its ``first_part``-th chunk (resuming inside it)."""
+    per_file = source.format in ("csv", "tsv")
+    separator = b"\n\n" if source.format == "text" and source.text_unit == "paragraph" else b"\n"
+    window: list[bytes] = []
+    opening = Chunk(-1, 0, 0, 0, 1, b"")
+    header = b""
+
+    def flush() -> Iterator[Chunk]:
+        nonlocal first_part
+        o = opening
+        random.Random(f"ringload-window:{seed}:{o.epoch}:{o.source}:{o.lap}:{o.file_index}:{o.offset}").shuffle(window)
+        part, pending, size = 0, [], 0
+        for record in [*window, None]:
+            if record is not None:
+                pending.append(record)
+                size += len(record) + len(separator)
+            if pending and (size >= chunk_bytes or record is None):
+                if part >= first_part:
+                    yield dataclasses.replace(o, payload=header + separator.join(pending) + separator, part=part)
+                part, pending, size = part + 1, [], 0
+        first_part = 0
+        window.clear()
+
+    for block in blocks:
+        if window and per_file and block.file_index != opening.file_index:
+            yield from flush()
+        if not window:
+            opening = block
+        body = block.payload
+        if per_file:
+            cut = body.index(b"\n") + 1
+            header, body = body[:cut], body[cut:]
+        window.extend(_split_records(body, source))
+        if len(window) >= buffer:
+            yield from flush()
+    if window:
+        yield from flush()
+
+
+_BLANK_LINES = re.compile(rb"\n[ \t\r]*\n")
+
+
+def _split_records(body: bytes, source: Source) -> list[bytes]:
+    """A block's records without their terminators (csv records may span lines; paragraphs do)."""
+    if source.format == "text" and source.text_unit == "paragraph":
+        return [p.strip(b"\n") for p in _BLANK_LINES.split(body) if p.strip()]
+    lines = [line for line in body.split(b"\n") if line.strip()]
+    if source.format != "csv":
+        return lines
+    records, pending = [], []
+    for line in lines:
+        pending.append(line)
+        if sum(part.count(b'"') for part in pending) % 2 == 0:
+            records.append(b"\n".join(pending))
+            pending = []
+    if pending:
+        records.append(b"\n".join(pending))
+    return records
