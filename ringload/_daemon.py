@@ -67,23 +67,26 @@ class ProducerSlot:
     redo: list[tuple[Chunk, int]] = field(default_factory=list)  # (chunk, skip) to give first
 
 
+def batches_per_chunk(recipe: Recipe, fields: list[Field]) -> float:
+    """A rough count of a chunk's batches (all ranks), from bytes at about 0.3 tokens per byte."""
+    row_tokens = fields[0].shape[1] if len(fields[0].shape) > 1 else 1
+    return recipe.chunk_size * TOKENS_PER_BYTE_ESTIMATE / (recipe.batch_size * row_tokens)
+
+
 def default_slots(recipe: Recipe, fields: list[Field]) -> int:
     """Slots per lane to hold about two chunks of a rank's batches, so ordered delivery never convoys."""
-    row_tokens = fields[0].shape[1] if len(fields[0].shape) > 1 else 1
-    per_chunk = recipe.chunk_bytes * TOKENS_PER_BYTE_ESTIMATE / (recipe.batch_size * row_tokens * recipe.global_ranks)
-    return int(min(4096, max(8, math.ceil(2 * per_chunk))))
+    return int(min(4096, max(8, math.ceil(2 * batches_per_chunk(recipe, fields) / recipe.global_ranks))))
 
 
 def geometry_for(recipe: Recipe) -> Geometry:
     fields = build_task(recipe.task, recipe.tokenizer, recipe.batch_size, recipe.seed).fields()
     suggested = default_slots(recipe, fields)
-    ranks = recipe.global_ranks
-    batches_per_chunk = suggested * ranks / 2
-    if ranks > 1 and (ranks - 1) / 2 > 0.03 * batches_per_chunk:
-        log.warning("chunk_bytes: %d gives about %.0f batches per chunk, cut to a multiple of %d ranks: about %.0f%% "
-                    "of batches dropped; raise chunk_bytes to %d or more to drop under 3%%", recipe.chunk_bytes,
-                    batches_per_chunk, ranks, 100 * (ranks - 1) / 2 / max(batches_per_chunk, 1),
-                    int(recipe.chunk_bytes * (ranks - 1) / 2 / (0.03 * batches_per_chunk)))
+    ranks, per_chunk = recipe.global_ranks, batches_per_chunk(recipe, fields)
+    cut = (ranks - 1) / 2 / max(per_chunk, 1)  # on average half a group of one batch per rank
+    if cut > 0.03:
+        log.warning("chunks of %d bytes give about %.0f batches each, cut to a multiple of %d ranks: about %.0f%% "
+                    "of batches dropped; set chunk_bytes to %d or more to drop under 3%%", recipe.chunk_size,
+                    per_chunk, ranks, 100 * cut, int(recipe.chunk_size * cut / 0.03))
     if recipe.slots is not None and recipe.slots < suggested // 2:
         log.warning("slots: %d per producer holds less than one chunk of batches (about %d); producers will wait "
                     "on each other to keep the stream in order: raise slots or lower chunk_bytes",
@@ -103,7 +106,9 @@ class Daemon:
         self.first_skip = (-1, 0)  # (chunk, batches already delivered) when resuming mid-stream
         self.name = validate_name(name or recipe.name)
         self.stop_requested = threading.Event()
-        self.chunks: queue.Queue[Chunk | None] = queue.Queue(maxsize=2 * recipe.producers + 2)
+        # Enough read-ahead to keep every producer busy, bounded to about 256 MiB for large chunks.
+        ahead = min(2 * recipe.producers + 2, max(recipe.producers + 2, (256 << 20) // recipe.chunk_size))
+        self.chunks: queue.Queue[Chunk | None] = queue.Queue(maxsize=ahead)
         self.reader_error: str | None = None
         self.chunks_read: int | None = None  # total number of chunks, once the sources are exhausted
         self.sources_done = False  # the reader's end marker has been taken from the queue

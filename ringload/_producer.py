@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import os
 import signal
 import struct
 import sys
 import traceback
+from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -97,25 +99,36 @@ class Producer:
         if bad:
             self._report_bad(bad)
         self._stat(LaneWord.CURRENT_CHUNK, chunk.id)
-        batches: list[PendingBatch] = list(self.task.batches(records, chunk.id))
+        # Batches go out a group of one per global rank at a time; a group is published once the
+        # next one is known to be complete or not, which says whether it is the chunk's last.
         every = self.global_ranks
-        kept = len(batches) - len(batches) % every
-        for index in range(skip, kept):
-            rank = index % every - self.first_rank
-            if 0 <= rank < len(self.writers):
-                self._publish(chunk, index, rank, batches[index], last=index >= kept - every)
-        if kept == 0:
+        batches = self.task.batches(records, chunk.id)
+        window: deque[PendingBatch] = deque()
+        index = records_kept = records_batched = 0
+        while True:
+            for batch in itertools.islice(batches, 2 * every - len(window)):
+                window.append(batch)
+                records_batched = batch.records_done
+            if len(window) < every:
+                break
+            last = len(window) < 2 * every
+            for _ in range(every):
+                batch = window.popleft()
+                rank = index % every - self.first_rank
+                if index >= skip and 0 <= rank < len(self.writers):
+                    self._publish(chunk, index, rank, batch, last)
+                records_kept, index = batch.records_done, index + 1
+        tokens_cut = sum(b.tokens for b in window)
+        if index == 0:
             # A chunk too small for a batch per rank still ends: an empty, flagged slot tells each rank.
             for rank, writer in enumerate(self.writers):
-                index = self.first_rank + rank
-                if index >= skip:
+                marker = self.first_rank + rank
+                if marker >= skip:
                     seq = writer.claim(self._keep_waiting)
-                    writer.publish(seq, chunk.id, index, 0, True, chunk.cursor, len(records), 0)
-        if skip < max(kept, every):  # not a redo of a chunk whose predecessor finished it
+                    writer.publish(seq, chunk.id, marker, 0, True, chunk.cursor, len(records), 0)
+        if skip < max(index, every):  # not a redo of a chunk whose predecessor finished it
             # Batches cut off to keep the ranks even count as dropped, like a chunk's partial last batch.
-            records_batched = batches[-1].records_done if batches else 0
-            records_kept = batches[kept - 1].records_done if kept else 0
-            self._add(LaneWord.TOKENS_DROPPED, self.task.tokens_dropped + sum(b.tokens for b in batches[kept:]))
+            self._add(LaneWord.TOKENS_DROPPED, self.task.tokens_dropped + tokens_cut)
             self._add(LaneWord.EXAMPLES_DROPPED, self.task.examples_dropped + records_batched - records_kept)
             self._add(LaneWord.LABELS_UNKNOWN, self.task.labels_unknown - unknown_before)
             self._add(LaneWord.EXAMPLES, len(records))

@@ -19,6 +19,7 @@ from ._errors import RecipeError
 
 FORMATS = ("text", "jsonl", "cirrussearch", "csv", "tsv", "parquet")
 DEFAULT_CHUNK_BYTES = 1 << 20
+MAX_CHUNK_SCALE = 16
 MAX_SOURCES = 8
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted")
 ASSETS_ENV = "RINGLOAD_ASSETS"
@@ -59,7 +60,7 @@ class Recipe:
     epochs: int | None = None  # None = repeat the sources forever
     skip_batches: int = 0  # the consumer starts after this many batches of the stream
     max_batches: int | None = None  # the consumer stops after this many (after the skipped ones)
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    chunk_bytes: int | None = None  # None: DEFAULT_CHUNK_BYTES times the global ranks (up to 16)
     on_bad_record: str = "skip"
     max_restarts: int = 3
     world_size: int = 1  # consumer ranks this node's ring serves (torchrun's --nproc-per-node)
@@ -75,6 +76,12 @@ class Recipe:
     @property
     def global_ranks(self) -> int:
         return self.world_size * self.nnodes
+
+    @property
+    def chunk_size(self) -> int:
+        """Bytes per chunk. By default it grows with the ranks: each chunk is cut to a multiple of
+        one batch per rank, and larger chunks keep that cut a small share."""
+        return self.chunk_bytes or DEFAULT_CHUNK_BYTES * min(self.global_ranks, MAX_CHUNK_SCALE)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -152,7 +159,7 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         epochs=_typed(data, "epochs", int, None, origin),
         skip_batches=_typed(data, "skip_batches", int, 0, origin),
         max_batches=_typed(data, "max_batches", int, None, origin),
-        chunk_bytes=_typed(data, "chunk_bytes", int, DEFAULT_CHUNK_BYTES, origin),
+        chunk_bytes=_typed(data, "chunk_bytes", int, None, origin),
         on_bad_record=_typed(data, "on_bad_record", str, "skip", origin),
         max_restarts=_typed(data, "max_restarts", int, 3, origin),
         world_size=_typed(data, "world_size", int, 1, origin),
@@ -166,7 +173,7 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         (recipe.slots is None or 2 <= recipe.slots <= 65536, "slots", "must be 2..65536 per producer"),
         (recipe.seed >= 0, "seed", "must be a non-negative integer"),
         (recipe.epochs is None or recipe.epochs >= 1, "epochs", "must be at least 1 (omit it to repeat forever)"),
-        (recipe.chunk_bytes >= 1024, "chunk_bytes", "must be at least 1024"),
+        (recipe.chunk_bytes is None or recipe.chunk_bytes >= 1024, "chunk_bytes", "must be at least 1024"),
         (recipe.skip_batches >= 0, "skip_batches", "must be >= 0"),
         (recipe.max_batches is None or recipe.max_batches >= 1, "max_batches", "must be at least 1"),
         (recipe.on_bad_record in ("skip", "fail"), "on_bad_record", "must be skip or fail"),

@@ -152,10 +152,10 @@ def _lap(recipe: Recipe, source: Source, index: int, files: list[str], epoch: in
     order = file_order(len(files), recipe.seed if buffer else None, epoch, index, lap)
     stamp = Chunk(-1, epoch, 0, 0, 1, b"", 0, index, lap)
     begin = order.index(where[0]) if where else 0
-    blocks = read_blocks(source, files, order[begin:], recipe.chunk_bytes, stamp, where[1:3] if where else None,
+    blocks = read_blocks(source, files, order[begin:], recipe.chunk_size, stamp, where[1:3] if where else None,
                          on_error, meter)
     if buffer:
-        blocks = _shuffled(blocks, source, buffer, recipe.chunk_bytes, recipe.seed, where[3] if where else 0)
+        blocks = _shuffled(blocks, source, buffer, recipe.chunk_size, recipe.seed, where[3] if where else 0)
     return iter(blocks)
 
 

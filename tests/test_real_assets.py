@@ -47,3 +47,16 @@ def test_inspect_shows_real_words(assets, ring_name):
         shown = subprocess.run([sys.executable, "-m", "ringload", "inspect", ring_name, "--rows", "1"],
                                capture_output=True, text=True, timeout=60, check=True).stdout
     assert "beginning" in shown and "[MASK]->" in shown
+
+
+def test_mixed_recipe_streams_both_corpora(assets, ring_name):
+    """tasks/mlm-mixed.yaml mixes KJV jsonl with the Rotten Tomatoes csv.bz2, shuffled; batches come
+    from both (the reader has opened both files)."""
+    fetch("rotten-tomatoes")
+    recipe = ringload.load_recipe(ROOT / "tasks" / "mlm-mixed.yaml").replace(chunk_bytes=65536)
+    sizes = sum(Path(p).stat().st_size for source in recipe.sources for p in source.paths)
+    with ringload.start(recipe, name=ring_name):
+        batches = drain(ring_name, limit=60)
+        listed = ringload.ring_status(ring_name)["source_bytes"]["listed"]
+    assert len(batches) == 60 and all(b["input_ids"].shape == (32, 128) for b in batches)
+    assert listed == sizes
