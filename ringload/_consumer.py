@@ -44,9 +44,9 @@ from ._sources import Chunk
 from ._stream import ResumePoint
 
 POLL_S = 0.1
+HEARTBEAT_TIMEOUT_S = 5.0
 _CURSOR_WORDS = (SlotWord.EPOCH, SlotWord.FILE_INDEX, SlotWord.CHUNK_OFFSET, SlotWord.CHUNK_LINE, SlotWord.PART,
                  SlotWord.SOURCE, SlotWord.LAP, SlotWord.PICK)  # Chunk's fields after the id, as stamped
-HEARTBEAT_TIMEOUT_S = 5.0
 
 
 class Loader:

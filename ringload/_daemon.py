@@ -38,13 +38,13 @@ from typing import Any
 import posix_ipc
 
 from ._errors import RingError
+from ._http import SourceMeter
 from ._lanes import LaneWord, Semaphores, last_published, repair_after_producer_death, unlink_semaphores
 from ._layout import Field, Geometry, Position, Ring, State, Word, write_position
 from ._names import list_ring_names, list_semaphore_rings, pid_alive, shm_name, validate_name
 from ._producer import ERROR, WANT, encode_chunk, producer_main
 from ._recipe import Recipe
 from ._resume import check_state, stream_identity
-from ._http import SourceMeter
 from ._sources import Chunk, Hooks, expand_paths
 from ._stream import ResumePoint, read_stream
 from ._tasks import build_task

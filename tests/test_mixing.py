@@ -19,7 +19,7 @@ def mixed_recipe(tmp_path, tokenizer_path):
 
     def write(weights: tuple[float, float], stopping: str, **overrides) -> str:
         a = tmp_path / "a.jsonl"
-        write_records(a, range(0, 480), fixed=True)
+        write_records(a, range(480), fixed=True)
         b = tmp_path / "b.csv"
         with b.open("w") as out:
             out.write("text,label\n")

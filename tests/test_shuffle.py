@@ -60,11 +60,10 @@ def test_resume_inside_a_shuffle_window(id_recipe, ring_name, cut):
     recipe = id_recipe(2, 16 * 12, shuffle={"buffer": 100})
     with ringload.start(recipe, name=ring_name) as ring:
         reference = ids_of(ring.name)
-    with ringload.start(recipe, name=ring_name) as ring:
-        with ringload.connect(ring.name) as loader:
-            for _ in range(cut):
-                next(loader)
-            state = loader.state_dict()
+    with ringload.start(recipe, name=ring_name) as ring, ringload.connect(ring.name) as loader:
+        for _ in range(cut):
+            next(loader)
+        state = loader.state_dict()
     assert state["resume"]["sources"][0][5] == (cut > 8)  # the cut at 9 lies in the second part of a window
     with ringload.start(recipe, name=ring_name, resume=state) as ring:
         assert ids_of(ring.name) == reference[cut:]
