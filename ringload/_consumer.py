@@ -29,24 +29,24 @@ from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RingError
 from ._lanes import LaneWord, Semaphores, acquire
 from ._layout import (
     FLAG_LAST_IN_CHUNK,
+    SOURCE_CURSOR_WORDS,
     ConsumerWord,
-    Position,
     Ring,
     SlotWord,
     State,
     Word,
     read_position,
-    write_position,
+    write_position_words,
 )
 from ._names import pid_alive
 from ._resume import STATE_FORMAT, stream_identity
-from ._sources import Chunk
 from ._stream import ResumePoint
 
 POLL_S = 0.1
 HEARTBEAT_TIMEOUT_S = 5.0
 _CURSOR_WORDS = (SlotWord.EPOCH, SlotWord.FILE_INDEX, SlotWord.CHUNK_OFFSET, SlotWord.CHUNK_LINE, SlotWord.PART,
                  SlotWord.SOURCE, SlotWord.LAP, SlotWord.PICK)  # Chunk's fields after the id, as stamped
+_UNSEEN_SOURCES = ResumePoint().words()[5:]
 
 
 class Loader:
@@ -113,10 +113,9 @@ class Loader:
             raise RingError(f"rank {self.rank} of ring {self.name!r} already has a consumer (pid {holder}); "
                             "each rank is served to one consumer (start the ring with --world-size for more ranks)")
         w[pid_word] = os.getpid()
-        self.position = read_position(w, self._block)
-        self._resume = ResumePoint.from_words(self.position.resume)
-        self.next_chunk, self.next_index, self.delivered = (self.position.next_chunk, self.position.next_index,
-                                                            self.position.delivered)
+        position = read_position(w, self._block)
+        self._resume = list(position.resume)  # ResumePoint.words(), updated in place per batch
+        self.next_chunk, self.next_index, self.delivered = position.next_chunk, position.next_index, position.delivered
         self._search = (self.next_chunk, self.next_index)  # the next batch to look for
         self._taken = [w[i] for i in self._taken_word]
         self._released = [w[i] for i in self._released_word]
@@ -203,12 +202,16 @@ class Loader:
         if w[base + SlotWord.ROWS]:
             self.delivered += 1
             self.epoch = w[base + SlotWord.EPOCH]
-        # Ranks move in step, so the resume point is the end of this batch's group of one batch per rank.
-        where = Chunk(chunk, *(w[base + word] for word in _CURSOR_WORDS[:4]), b"",
-                      *(w[base + word] for word in _CURSOR_WORDS[4:]))
-        self._resume = self._resume.after(where, chunk, (index // every + 1) * every)
-        self.position = Position(self.next_chunk, self.next_index, self.delivered, self._resume.words())
-        write_position(w, self._block, self.position)
+        # The resume point (ResumePoint.words()): this chunk, its batches delivered by all ranks (ranks move
+        # in step: the end of this batch's group), and where this chunk's source stands.
+        epoch, file_index, offset, line, part, source, lap, pick = (w[base + word] for word in _CURSOR_WORDS)
+        resume = self._resume
+        if epoch != resume[2]:
+            resume[5:] = _UNSEEN_SOURCES  # a new epoch: no source has been seen in it yet
+        resume[:5] = chunk, (index // every + 1) * every, epoch, pick, source
+        at = 5 + source * SOURCE_CURSOR_WORDS
+        resume[at:at + SOURCE_CURSOR_WORDS] = 1, lap, file_index, offset, line, part
+        write_position_words(w, self._block, (self.next_chunk, self.next_index, self.delivered, *resume))
 
     def _find(self) -> tuple[int, int] | None:
         """Take lane heads until the due batch turns up; return its (lane, seq) or None."""
@@ -309,7 +312,7 @@ class Loader:
             "stream": stream_identity(self.ring.recipe()),
             "delivered": self.delivered,
             "next": [self.next_chunk, self.next_index - self.global_rank],  # the same for every rank
-            "resume": self._resume.to_json(self._sources),
+            "resume": ResumePoint.from_words(self._resume).to_json(self._sources),
         }
 
     def close(self) -> None:

@@ -173,10 +173,14 @@ def read_position(words: memoryview, block: int) -> Position:
 
 
 def write_position(words: memoryview, block: int, position: Position) -> None:
+    write_position_words(words, block, position.words())
+
+
+def write_position_words(words: memoryview, block: int, values: tuple[int, ...]) -> None:
     """Write the idle record, then make it current with one aligned 8-byte store."""
     generation = words[block + ConsumerWord.POSITION_GENERATION] + 1
     base = block + ConsumerWord.POSITION_RECORDS[generation % 2]
-    words[base:base + POSITION_WORDS] = memoryview(_POSITION.pack(*position.words())).cast("q")
+    words[base:base + POSITION_WORDS] = memoryview(_POSITION.pack(*values)).cast("q")
     words[block + ConsumerWord.POSITION_GENERATION] = generation
 
 

@@ -62,12 +62,6 @@ class ResumePoint:
         n = SOURCE_CURSOR_WORDS
         return cls(*w[:5], tuple(tuple(w[5 + i * n:5 + (i + 1) * n]) for i in range(MAX_SOURCES)))
 
-    def after(self, chunk: Chunk, chunk_id: int, skip: int) -> ResumePoint:
-        """The point after a batch of ``chunk`` (as the slot header describes it): ``skip`` delivered."""
-        sources = list(self.sources) if chunk.epoch == self.epoch else [_UNSEEN] * MAX_SOURCES
-        sources[chunk.source] = (1, chunk.lap, chunk.file_index, chunk.offset, chunk.line, chunk.part)
-        return ResumePoint(chunk_id, skip, chunk.epoch, chunk.pick, chunk.source, tuple(sources))
-
     def to_json(self, n_sources: int) -> dict[str, Any]:
         return {"chunk": self.chunk, "skip": self.skip, "epoch": self.epoch, "pick": self.pick, "source": self.source,
                 "sources": [list(s) for s in self.sources[:n_sources]]}
