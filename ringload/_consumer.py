@@ -71,8 +71,10 @@ class Loader:
         except RingError:
             ring.close()
             raise
-        self.global_ranks = ring.geometry.ranks * recipe.get("nnodes", 1)
-        self.global_rank = recipe.get("node_rank", 0) * ring.geometry.ranks + self.rank
+        # The ranks this ring's chunks are dealt to (Recipe.dealt_ranks), and which of them this one is.
+        split_files = recipe.get("node_sharding") == "files"
+        self._dealt_ranks = ring.geometry.ranks * (1 if split_files else recipe.get("nnodes", 1))
+        self._dealt_rank = (0 if split_files else recipe.get("node_rank", 0)) * ring.geometry.ranks + self.rank
         self._own_lanes = list(ring.rank_lanes(self.rank))
         self._doorbell = self.sems.doorbells[self.rank]
         self._block = ring.consumer_block(self.rank)
@@ -173,9 +175,9 @@ class Loader:
                 lane, seq = found
                 base = self.ring.slot_word(lane, seq % self._slots, 0)
                 if self._words[base + SlotWord.FLAGS] & FLAG_LAST_IN_CHUNK:
-                    self._search = (self._search[0] + 1, self.global_rank)
+                    self._search = (self._search[0] + 1, self._dealt_rank)
                 else:
-                    self._search = (self._search[0], self._search[1] + self.global_ranks)
+                    self._search = (self._search[0], self._search[1] + self._dealt_ranks)
                 if self._words[base + SlotWord.ROWS] == 0:
                     self._mark_delivered(lane, seq)
                     self._release(lane, seq)  # an empty chunk's end marker
@@ -194,9 +196,9 @@ class Loader:
         w = self._words
         base = self.ring.slot_word(lane, seq % self._slots, 0)
         chunk, index = w[base + SlotWord.CHUNK], w[base + SlotWord.INDEX]
-        every = self.global_ranks
+        every = self._dealt_ranks
         if w[base + SlotWord.FLAGS] & FLAG_LAST_IN_CHUNK:
-            self.next_chunk, self.next_index = chunk + 1, self.global_rank
+            self.next_chunk, self.next_index = chunk + 1, self._dealt_rank
         else:
             self.next_chunk, self.next_index = chunk, index + every
         if w[base + SlotWord.ROWS]:
@@ -311,7 +313,7 @@ class Loader:
             "format": STATE_FORMAT,
             "stream": stream_identity(self.ring.recipe()),
             "delivered": self.delivered,
-            "next": [self.next_chunk, self.next_index - self.global_rank],  # the same for every rank
+            "next": [self.next_chunk, self.next_index - self._dealt_rank],  # the same for every rank
             "resume": ResumePoint.from_words(self._resume).to_json(self._sources),
         }
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import posix_ipc
 
-from ._errors import RingError
+from ._errors import RecipeError, RingError
 from ._http import SourceMeter
 from ._lanes import LaneWord, Semaphores, last_published, repair_after_producer_death, unlink_semaphores
 from ._layout import Field, Geometry, Position, Ring, State, Word, write_position
@@ -75,13 +75,13 @@ def batches_per_chunk(recipe: Recipe, fields: list[Field]) -> float:
 
 def default_slots(recipe: Recipe, fields: list[Field]) -> int:
     """Slots per lane to hold about two chunks of a rank's batches, so ordered delivery never convoys."""
-    return int(min(4096, max(8, math.ceil(2 * batches_per_chunk(recipe, fields) / recipe.global_ranks))))
+    return int(min(4096, max(8, math.ceil(2 * batches_per_chunk(recipe, fields) / recipe.dealt_ranks))))
 
 
 def geometry_for(recipe: Recipe) -> Geometry:
     fields = build_task(recipe.task, recipe.tokenizer, recipe.batch_size, recipe.seed).fields()
     suggested = default_slots(recipe, fields)
-    ranks, per_chunk = recipe.global_ranks, batches_per_chunk(recipe, fields)
+    ranks, per_chunk = recipe.dealt_ranks, batches_per_chunk(recipe, fields)
     cut = (ranks - 1) / 2 / max(per_chunk, 1)  # on average half a group of one batch per rank
     if cut > 0.03:
         log.warning("chunks of %d bytes give about %.0f batches each, cut to a multiple of %d ranks: about %.0f%% "
@@ -121,7 +121,7 @@ class Daemon:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self) -> int:
-        files = [expand_paths(source) for source in self.recipe.sources]
+        files = [self._node_files(expand_paths(source), j) for j, source in enumerate(self.recipe.sources)]
         for source in self.recipe.sources:
             Hooks.load(source)  # a hook that does not import fails here, before any producer runs
         geometry = geometry_for(self.recipe)
@@ -136,7 +136,7 @@ class Daemon:
         for rank in range(geometry.ranks):
             # Rank r's first batch of a chunk is index g (its global rank). A state is rank-independent:
             # its `next` holds the due chunk and the index due for global rank 0.
-            first = self.recipe.node_rank * geometry.ranks + rank
+            first = self.recipe.first_dealt_rank + rank
             due = (Position(0, first) if start is None else
                    Position(position[0], position[1] + first, delivered, start.words()))
             write_position(self.ring.words, self.ring.consumer_block(rank), due)
@@ -160,6 +160,16 @@ class Daemon:
             failed = self.ring.state == State.FAILED
             self._teardown()
         return 1 if failed else 0
+
+    def _node_files(self, files: list[str], source: int) -> list[str]:
+        """The source's files this node reads: all of them, or every nnodes-th under node_sharding: files."""
+        recipe = self.recipe
+        if recipe.node_sharding != "files" or recipe.nnodes == 1:
+            return files
+        if len(files) < recipe.nnodes:
+            raise RecipeError(f"node_sharding: files needs at least one file per node, but source {source} has "
+                              f"{len(files)} for {recipe.nnodes} nodes; use node_sharding: batches")
+        return files[recipe.node_rank::recipe.nnodes]
 
     def _request_stop(self) -> None:
         self.stop_requested.set()

@@ -60,8 +60,8 @@ class Producer:
         self.sems = Semaphores.of(self.ring)
         ranks = self.ring.geometry.ranks
         self.writers = [LaneWriter(self.ring, self.sems, self.ring.rank_lanes(r)[lane]) for r in range(ranks)]
-        self.global_ranks = self.recipe.global_ranks
-        self.first_rank = self.recipe.node_rank * ranks  # global rank of this node's local rank 0
+        self.dealt_ranks = self.recipe.dealt_ranks
+        self.first_rank = self.recipe.first_dealt_rank  # which of them is this node's local rank 0
         self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed)
         self.hooks = [Hooks.load(source) for source in self.recipe.sources]
         self.daemon_pid = os.getppid()
@@ -101,7 +101,7 @@ class Producer:
         self._stat(LaneWord.CURRENT_CHUNK, chunk.id)
         # Batches go out a group of one per global rank at a time; a group is published once the
         # next one is known to be complete or not, which says whether it is the chunk's last.
-        every = self.global_ranks
+        every = self.dealt_ranks
         batches = self.task.batches(records, chunk.id)
         window: deque[PendingBatch] = deque()
         index = records_kept = records_batched = 0

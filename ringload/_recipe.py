@@ -66,6 +66,7 @@ class Recipe:
     world_size: int = 1  # consumer ranks this node's ring serves (torchrun's --nproc-per-node)
     nnodes: int = 1  # nodes, each running its own daemon over the same recipe
     node_rank: int = 0
+    node_sharding: str = "batches"  # nodes split each chunk's batches, or (files) the files of an endless stream
     shuffle: dict[str, int] | None = None  # {buffer: N}: shuffle records in windows of N, files per epoch
     stopping_strategy: str = "first_exhausted"  # several sources: an epoch ends when the first / every one runs out
 
@@ -78,10 +79,20 @@ class Recipe:
         return self.world_size * self.nnodes
 
     @property
+    def dealt_ranks(self) -> int:
+        """The ranks a chunk's batches are dealt to: every rank of every node, unless nodes split the files."""
+        return self.world_size if self.node_sharding == "files" else self.global_ranks
+
+    @property
+    def first_dealt_rank(self) -> int:
+        """The index, among the dealt ranks, of this node's local rank 0."""
+        return 0 if self.node_sharding == "files" else self.node_rank * self.world_size
+
+    @property
     def chunk_size(self) -> int:
         """Bytes per chunk. By default it grows with the ranks: each chunk is cut to a multiple of
         one batch per rank, and larger chunks keep that cut a small share."""
-        return self.chunk_bytes or DEFAULT_CHUNK_BYTES * min(self.global_ranks, MAX_CHUNK_SCALE)
+        return self.chunk_bytes or DEFAULT_CHUNK_BYTES * min(self.dealt_ranks, MAX_CHUNK_SCALE)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -165,6 +176,7 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         world_size=_typed(data, "world_size", int, 1, origin),
         nnodes=_typed(data, "nnodes", int, 1, origin),
         node_rank=_typed(data, "node_rank", int, 0, origin),
+        node_sharding=_typed(data, "node_sharding", str, "batches", origin),
         shuffle=_shuffle(data.get("shuffle"), origin),
     )
     checks = [
@@ -182,6 +194,10 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         (recipe.nnodes >= 1, "nnodes", "must be at least 1"),
         (0 <= recipe.node_rank < recipe.nnodes, "node_rank", f"must be 0..nnodes-1 ({recipe.nnodes - 1})"),
         (recipe.producers * recipe.world_size <= 256, "producers", "times world_size must be at most 256"),
+        (recipe.node_sharding in ("batches", "files"), "node_sharding", "must be batches or files"),
+        (recipe.node_sharding == "batches" or recipe.epochs is None, "node_sharding",
+         "files gives each node its own epoch length, and DDP hangs when one node's data ends first: "
+         "use it only for an endless stream (no epochs), or use node_sharding: batches"),
     ]
     for ok, key, why in checks:
         if not ok:

@@ -16,12 +16,15 @@ from ._errors import RecipeError
 from ._stream import ResumePoint
 
 STATE_FORMAT = "ringload-state/2"
-_NOT_STREAM = ("name", "producers", "slots", "max_restarts", "node_rank")  # a state serves every node
+_NOT_STREAM = ("name", "producers", "slots", "max_restarts")
 
 
 def stream_identity(header_recipe: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a ring's recipe (as stored in its header) that determine the stream."""
+    """The parts of a ring's recipe (as stored in its header) that determine the stream. Nodes that
+    split batches share one stream (a state serves every node); nodes that split files do not."""
     recipe = {k: v for k, v in header_recipe.get("recipe", {}).items() if k not in _NOT_STREAM}
+    if recipe.get("node_sharding", "batches") == "batches":
+        recipe.pop("node_rank", None)
     return {"recipe": recipe, "files": header_recipe.get("files", [])}
 
 

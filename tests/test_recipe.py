@@ -57,6 +57,8 @@ def with_changes(**changes):
         ({"shuffle": {"size": 10}}, "unknown key shuffle.size"),
         ({"nnodes": 2, "node_rank": 2}, "node_rank: must be 0..nnodes-1 (1)"),
         ({"world_size": 0}, "world_size: must be 1..64"),
+        ({"node_sharding": "files", "epochs": 2}, "node_sharding: files gives each node its own epoch length"),
+        ({"node_sharding": "records"}, "node_sharding: must be batches or files"),
     ],
 )
 def test_mistakes_name_the_key(changes, message):

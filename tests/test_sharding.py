@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -43,13 +44,22 @@ def consume_ranks(names: list[str], world_size: int) -> dict[int, list[list[int]
     return streams
 
 
+def finished_status(name: str, timeout: float = 10.0) -> dict:
+    """The ring's status once every producer has finished its last chunk (its counters are final then)."""
+    deadline = time.monotonic() + timeout
+    while (status := ringload.ring_status(name))["state"] != "finished" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert status["state"] == "finished", status["state"]
+    return status
+
+
 def run_nodes(recipe: Path, base: str, nnodes: int, world_size: int) -> tuple[dict[int, list[list[int]]], int]:
     """Start one daemon per node, drain all ranks; return the streams and the examples dropped (node 0)."""
     handles = [ringload.start(recipe, name=f"{base}-{n}", world_size=world_size, nnodes=nnodes, node_rank=n)
                for n in range(nnodes)]
     try:
         streams = consume_ranks([h.name for h in handles], world_size)
-        dropped = [sum(p["examples_dropped"] for p in ringload.ring_status(h.name)["producers"]) for h in handles]
+        dropped = [sum(p["examples_dropped"] for p in finished_status(h.name)["producers"]) for h in handles]
     finally:
         for h in handles:
             h.stop()
@@ -172,3 +182,37 @@ def test_killed_producer_leaves_every_rank_stream_unchanged(id_recipe, ring_name
     assert restarts == 1
     for r in range(2):
         assert got[r] + rest[r] == reference[r]
+
+
+def test_nodes_can_split_the_files_of_an_endless_stream(id_recipe, ring_name):
+    """node_sharding: files: each node reads only every nnodes-th file; in the first epoch the two nodes'
+    ranks deliver every record once, each node only its own files' records."""
+    per_file = 16 * 4
+    recipe = id_recipe(4, 4 * per_file, epochs=None, node_sharding="files")
+    handles = [ringload.start(recipe, name=f"{ring_name}-{n}", world_size=2, nnodes=2, node_rank=n) for n in range(2)]
+    seen: dict[int, list[int]] = {}
+
+    def first_epoch(node: int, rank: int) -> None:
+        with ringload.connect(handles[node].name, rank=rank, timeout=30) as loader:
+            ids = []
+            for batch in loader:
+                if loader.epoch > 0:
+                    break
+                ids += batch["labels"].tolist()
+        seen[node * 2 + rank] = ids
+
+    try:
+        threads = [threading.Thread(target=first_epoch, args=(n, r)) for n in range(2) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        for h in handles:
+            h.stop()
+    assert sorted(seen) == [0, 1, 2, 3]
+    for node in range(2):
+        files = {i // per_file for g in (2 * node, 2 * node + 1) for i in seen[g]}
+        assert files == {node, node + 2}
+    counts = Counter(i for ids in seen.values() for i in ids)
+    assert sorted(counts) == list(range(4 * per_file)) and set(counts.values()) == {1}
