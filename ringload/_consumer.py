@@ -72,9 +72,9 @@ class Loader:
             ring.close()
             raise
         # The ranks this ring's chunks are dealt to (Recipe.dealt_ranks), and which of them this one is.
-        split_files = recipe.get("node_sharding") == "files"
-        self._dealt_ranks = ring.geometry.ranks * (1 if split_files else recipe.get("nnodes", 1))
-        self._dealt_rank = (0 if split_files else recipe.get("node_rank", 0)) * ring.geometry.ranks + self.rank
+        nodes_split_batches = recipe.get("node_sharding", "batches") == "batches"
+        self._dealt_ranks = ring.geometry.ranks * (recipe.get("nnodes", 1) if nodes_split_batches else 1)
+        self._dealt_rank = (recipe.get("node_rank", 0) if nodes_split_batches else 0) * ring.geometry.ranks + self.rank
         self._own_lanes = list(ring.rank_lanes(self.rank))
         self._doorbell = self.sems.doorbells[self.rank]
         self._block = ring.consumer_block(self.rank)

@@ -22,6 +22,7 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_SCALE = 16
 MAX_SOURCES = 8
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted")
+NODE_SHARDING = ("batches", "chunks", "files")
 ASSETS_ENV = "RINGLOAD_ASSETS"
 _HOOK = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
@@ -66,7 +67,7 @@ class Recipe:
     world_size: int = 1  # consumer ranks this node's ring serves (torchrun's --nproc-per-node)
     nnodes: int = 1  # nodes, each running its own daemon over the same recipe
     node_rank: int = 0
-    node_sharding: str = "batches"  # nodes split each chunk's batches, or (files) the files of an endless stream
+    node_sharding: str = "batches"  # nodes split each chunk's batches; or, in an endless stream, chunks or files
     shuffle: dict[str, int] | None = None  # {buffer: N}: shuffle records in windows of N, files per epoch
     stopping_strategy: str = "first_exhausted"  # several sources: an epoch ends when the first / every one runs out
 
@@ -81,12 +82,12 @@ class Recipe:
     @property
     def dealt_ranks(self) -> int:
         """The ranks a chunk's batches are dealt to: every rank of every node, unless nodes split the files."""
-        return self.world_size if self.node_sharding == "files" else self.global_ranks
+        return self.global_ranks if self.node_sharding == "batches" else self.world_size
 
     @property
     def first_dealt_rank(self) -> int:
         """The index, among the dealt ranks, of this node's local rank 0."""
-        return 0 if self.node_sharding == "files" else self.node_rank * self.world_size
+        return self.node_rank * self.world_size if self.node_sharding == "batches" else 0
 
     @property
     def chunk_size(self) -> int:
@@ -194,10 +195,10 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         (recipe.nnodes >= 1, "nnodes", "must be at least 1"),
         (0 <= recipe.node_rank < recipe.nnodes, "node_rank", f"must be 0..nnodes-1 ({recipe.nnodes - 1})"),
         (recipe.producers * recipe.world_size <= 256, "producers", "times world_size must be at most 256"),
-        (recipe.node_sharding in ("batches", "files"), "node_sharding", "must be batches or files"),
+        (recipe.node_sharding in NODE_SHARDING, "node_sharding", f"must be {', '.join(NODE_SHARDING)}"),
         (recipe.node_sharding == "batches" or recipe.epochs is None, "node_sharding",
-         "files gives each node its own epoch length, and DDP hangs when one node's data ends first: "
-         "use it only for an endless stream (no epochs), or use node_sharding: batches"),
+         (f"{recipe.node_sharding} gives each node its own epoch length, and DDP hangs when one node's data "
+          "ends first: use it only for an endless stream (no epochs), or use node_sharding: batches")),
     ]
     for ok, key, why in checks:
         if not ok:

@@ -9,6 +9,10 @@ until it holds at least N records (csv/tsv windows end with their file, whose he
 its records are permuted by a generator seeded with the window's start, and cut into chunks
 again. A chunk names its window's start and its ``part`` of the window.
 
+Nodes. Under ``node_sharding: chunks`` node R of N keeps every N-th chunk of each lap (chunks R,
+R + N, ...), under ``files`` it reads every N-th file (``_daemon``); either way its stream is
+its own, numbered from 0. Under ``batches`` (the default) every node reads the whole stream.
+
 Mixing (``sources:`` with ``weight``): the chunk with number ``pick`` within the epoch comes from
 source ``schedule[pick]``, a smooth weighted round-robin over the weights that never depends on
 the data, so each source's share of chunks follows its weight exactly. When the chosen source's
@@ -116,7 +120,8 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
             yield dataclasses.replace(chunk, id=next(chunk_ids), pick=pick)
             pick += 1
         if pick == 0:
-            raise SourceError(f"epoch {epoch} of the sources yielded no records: are the files empty?")
+            raise SourceError(f"epoch {epoch} of the sources yielded no chunk: are the files empty? (Under "
+                              "node_sharding: chunks, a source needs a chunk per node: lower chunk_bytes.)")
 
 
 def weighted_schedule(weights: list[float]) -> Iterator[int]:
@@ -141,7 +146,8 @@ def file_order(count: int, seed: int | None, *key: int) -> list[int]:
 def _lap(recipe: Recipe, source: Source, index: int, files: list[str], epoch: int, lap: int,
          where: tuple[int, int, int, int] | None, on_error: Callable[[SourceError], None] | None,
          meter: SourceMeter) -> Iterator[Chunk]:
-    """One pass over a source's files, from ``where`` = (file index, offset, line, part) if given."""
+    """One pass over a source's files (this node's share of its chunks under ``node_sharding: chunks``),
+    from ``where`` = (file index, offset, line, part) if given."""
     buffer = recipe.shuffle_buffer
     order = file_order(len(files), recipe.seed if buffer else None, epoch, index, lap)
     stamp = Chunk(-1, epoch, 0, 0, 1, b"", 0, index, lap)
@@ -150,6 +156,9 @@ def _lap(recipe: Recipe, source: Source, index: int, files: list[str], epoch: in
                          on_error, meter)
     if buffer:
         blocks = _shuffled(blocks, source, buffer, recipe.chunk_size, recipe.seed, where[3] if where else 0)
+    if recipe.node_sharding == "chunks" and recipe.nnodes > 1:
+        # Node R keeps the lap's chunks R, R + N, R + 2N...; a resumed lap starts at a chunk it kept.
+        blocks = itertools.islice(blocks, 0 if where else recipe.node_rank, None, recipe.nnodes)
     return iter(blocks)
 
 

@@ -58,7 +58,8 @@ def with_changes(**changes):
         ({"nnodes": 2, "node_rank": 2}, "node_rank: must be 0..nnodes-1 (1)"),
         ({"world_size": 0}, "world_size: must be 1..64"),
         ({"node_sharding": "files", "epochs": 2}, "node_sharding: files gives each node its own epoch length"),
-        ({"node_sharding": "records"}, "node_sharding: must be batches or files"),
+        ({"node_sharding": "records"}, "node_sharding: must be batches, chunks, files"),
+        ({"node_sharding": "chunks", "epochs": 1}, "node_sharding: chunks gives each node its own epoch length"),
     ],
 )
 def test_mistakes_name_the_key(changes, message):

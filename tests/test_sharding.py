@@ -184,11 +184,12 @@ def test_killed_producer_leaves_every_rank_stream_unchanged(id_recipe, ring_name
         assert got[r] + rest[r] == reference[r]
 
 
-def test_nodes_can_split_the_files_of_an_endless_stream(id_recipe, ring_name):
-    """node_sharding: files: each node reads only every nnodes-th file; in the first epoch the two nodes'
-    ranks deliver every record once, each node only its own files' records."""
-    per_file = 16 * 4
-    recipe = id_recipe(4, 4 * per_file, epochs=None, node_sharding="files")
+@pytest.mark.parametrize(("mode", "files"), [("files", 4), ("chunks", 1)])
+def test_nodes_can_split_the_files_or_chunks_of_an_endless_stream(id_recipe, ring_name, mode, files):
+    """node_sharding: files / chunks: each node reads every nnodes-th file, or keeps every nnodes-th chunk;
+    in the first epoch the two nodes' ranks deliver every record once."""
+    records = 16 * 16
+    recipe = id_recipe(files, records, epochs=None, node_sharding=mode)
     handles = [ringload.start(recipe, name=f"{ring_name}-{n}", world_size=2, nnodes=2, node_rank=n) for n in range(2)]
     seen: dict[int, list[int]] = {}
 
@@ -212,7 +213,24 @@ def test_nodes_can_split_the_files_of_an_endless_stream(id_recipe, ring_name):
             h.stop()
     assert sorted(seen) == [0, 1, 2, 3]
     for node in range(2):
-        files = {i // per_file for g in (2 * node, 2 * node + 1) for i in seen[g]}
-        assert files == {node, node + 2}
+        # 16 records a chunk, 64 a file: node R gets files R and R + 2, or chunks R, R + 2, ...
+        unit = records // files if mode == "files" else 16
+        assert {i // unit % 2 for g in (2 * node, 2 * node + 1) for i in seen[g]} == {node}
     counts = Counter(i for ids in seen.values() for i in ids)
-    assert sorted(counts) == list(range(4 * per_file)) and set(counts.values()) == {1}
+    assert sorted(counts) == list(range(records)) and set(counts.values()) == {1}
+
+
+def test_a_node_splitting_chunks_resumes_its_own_stream(id_recipe, ring_name):
+    """Under node_sharding: chunks a node's state resumes that node's stream exactly, and another node's is refused."""
+    recipe = id_recipe(1, 16 * 16, epochs=None, node_sharding="chunks", shuffle={"buffer": 40})
+    node = {"world_size": 1, "nnodes": 2, "node_rank": 1}
+    with ringload.start(recipe, name=ring_name, **node) as ring, ringload.connect(ring.name) as loader:
+        reference = [next(loader)["labels"].tolist() for _ in range(40)]
+    with ringload.start(recipe, name=ring_name, **node) as ring, ringload.connect(ring.name) as loader:
+        for _ in range(13):
+            next(loader)
+        state = loader.state_dict()
+    with ringload.start(recipe, name=ring_name, resume=state, **node) as ring, ringload.connect(ring.name) as loader:
+        assert [next(loader)["labels"].tolist() for _ in range(27)] == reference[13:]
+    with pytest.raises(ringload.RingError, match="node_rank"):
+        ringload.start(recipe, name=ring_name, resume=state, **{**node, "node_rank": 0})
