@@ -234,3 +234,28 @@ def test_a_node_splitting_chunks_resumes_its_own_stream(id_recipe, ring_name):
         assert [next(loader)["labels"].tolist() for _ in range(27)] == reference[13:]
     with pytest.raises(ringload.RingError, match="node_rank"):
         ringload.start(recipe, name=ring_name, resume=state, **{**node, "node_rank": 0})
+
+
+def test_killed_rank_consumer_is_succeeded_on_its_rank(id_recipe, ring_name):
+    """SIGKILL of rank 1's consumer process while it holds a batch: a new rank-1 consumer continues exactly
+    where it left off, and rank 0 is unaffected."""
+    import signal
+
+    recipe = id_recipe(1, 16 * 20)
+    reference, _ = run_nodes(recipe, ring_name, nnodes=1, world_size=2)
+    child = ("import json, sys, time, ringload\n"
+             "loader = ringload.connect(sys.argv[1], rank=1, timeout=30)\n"
+             "for _ in range(7):\n"
+             "    print(json.dumps(next(loader)['labels'].tolist()), flush=True)\n"
+             "time.sleep(60)\n")
+    with ringload.start(recipe, name=ring_name, world_size=2) as ring:
+        rank0 = ringload.connect(ring.name, rank=0)
+        got0 = [next(rank0)["labels"].tolist() for _ in range(7)]
+        proc = subprocess.Popen([sys.executable, "-c", child, ring.name], stdout=subprocess.PIPE, text=True)
+        got1 = [json.loads(proc.stdout.readline()) for _ in range(7)]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rank0.close()
+        rest = consume_ranks([ring.name], 2)
+    assert got0 + rest[0] == reference[0]
+    assert got1 + rest[1] == reference[1]
