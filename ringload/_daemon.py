@@ -62,6 +62,7 @@ class ProducerSlot:
     process: Any = None
     conn: Connection | None = None
     chunk: Chunk | None = None  # the chunk it is working on (at most one)
+    skip: int = 0  # batches of that chunk it was told to skip
     idle: bool = False
     restarts: int = 0
     redo: list[tuple[Chunk, int]] = field(default_factory=list)  # (chunk, skip) to give first
@@ -307,7 +308,7 @@ class Daemon:
             except OSError:
                 slot.redo.insert(0, (chunk, skip))  # it died meanwhile; its replacement gets it
                 continue
-            slot.chunk, slot.idle = chunk, False
+            slot.chunk, slot.skip, slot.idle = chunk, skip, False
         if self.sources_done and self.ring.state == State.RUNNING and all(s.idle and not s.redo for s in self.producers):
             self.ring.set_state(State.FINISHED)
 
@@ -339,7 +340,8 @@ class Daemon:
         for lane in lanes:
             repair_after_producer_death(ring, self.sems, lane)
         if slot.chunk is not None and not self._finished(lanes, slot.chunk.id):
-            slot.redo.insert(0, (slot.chunk, self._published_of(lanes, slot.chunk.id)))
+            # Past what it published, and never before what it was told to skip (a resumed chunk).
+            slot.redo.insert(0, (slot.chunk, max(slot.skip, self._published_of(lanes, slot.chunk.id))))
         log.warning("ring %s: producer %d died (exit code %s); restarting it (%d/%d)%s", self.name, slot.lane, code,
                     slot.restarts, self.recipe.max_restarts,
                     f", redoing chunk {slot.chunk.id}" if slot.chunk else "")

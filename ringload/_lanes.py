@@ -33,7 +33,9 @@ A producer's statistics (lines 2 and 3) live in its rank-0 lane, lane ``p``.
 
 Semaphores (POSIX, mode 0600): ``filled.L`` counts published slots not yet taken, ``free.L`` free
 slots of lane L, and one ``doorbell.R`` per rank that every publish into one of rank R's lanes also
-posts, so a consumer can sleep until *any* of its lanes has news.
+posts, so a consumer can sleep until *any* of its lanes has news. Publication is the semaphore: a
+producer writes the slot, then posts; the consumer waits, then reads. ``sem_post``/``sem_wait``
+order memory between processes, so no step relies on the CPU's store order.
 
 Dealing batches to ranks. A ring may be one of ``N`` nodes (one daemon each) serving ``W`` ranks
 each: ``G = N * W`` global ranks, node ``n``'s local rank ``r`` being global rank ``n * W + r``.
@@ -43,9 +45,9 @@ holding the chunk publishes the batches of its own ranks into their lanes, in in
 last ``G`` batches (one per rank) carry the chunk-end flag; a chunk with fewer than ``G`` batches
 gives each rank an empty flagged batch (``rows = 0``) at index ``n * W + r``. So every rank
 receives the same number of batches of every chunk, no batch goes to two ranks, and a rank's
-batches of chunk ``c`` are indexes ``g, g + G, g + 2G, ...``: the consumer knows which one is due. Publication is the semaphore: a producer writes the slot, then posts;
-the consumer waits, then reads. ``sem_post``/``sem_wait`` order memory between processes, so no
-step relies on the CPU's store order.
+batches of chunk ``c`` are indexes ``g, g + G, g + 2G, ...``: the consumer knows which one is due.
+(When nodes split files or chunks instead, ``node_sharding``, each node's chunks are its own:
+the rule applies with ``G = W`` and ``n = 0``.)
 
 No lock exists that a dead process could leave held. A process killed between two steps can
 lose or duplicate at most one token; whoever repairs the lane (the daemon after a producer

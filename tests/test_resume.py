@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import assert_same_stream, drain
 
 import ringload
+
+TESTS = Path(__file__).resolve().parent
 
 
 def take(name: str, n: int) -> tuple[list, dict]:
@@ -92,3 +96,29 @@ def test_a_half_written_position_record_is_never_read(ring_name):
     finally:
         ring.close()
         remove_ring(ring_name, 1)
+
+
+def test_producer_dying_on_the_resumed_chunk_keeps_its_skip(recipe_file, ring_name, tmp_path, monkeypatch, corpus):
+    """A producer killed on the checkpoint's chunk before publishing: its replacement still skips the
+    batches the checkpoint had delivered (not just those the dead one published)."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("PYTHONPATH", f"{TESTS}:{os.environ.get('PYTHONPATH', '')}")
+    recipe = recipe_file(epochs=1)
+    with ringload.start(recipe, name=ring_name):
+        reference = drain(ring_name)
+    with ringload.start(recipe, name=ring_name):
+        before, state = take(ring_name, 9)
+    assert state["resume"]["skip"] > 0  # the checkpoint lies inside a chunk
+    offset = state["resume"]["sources"][0][3]
+    with corpus["jsonl"].open("rb") as f:
+        f.seek(offset)
+        first_id = json.loads(f.readline())["id"]  # the resumed chunk's first record
+    monkeypatch.setenv("RINGLOAD_TEST_DIE_AT", str(first_id))
+    monkeypatch.setenv("RINGLOAD_TEST_DIE_MARKER", str(tmp_path / "died"))
+    dying = recipe_file(epochs=1, source={"map": "hooks_example:die_once_at"})
+    state["stream"]["recipe"]["sources"][0]["map"] = "hooks_example:die_once_at"  # the same stream, hooked
+    with ringload.start(dying, name=ring_name, resume=state):
+        after = drain(ring_name)
+        restarts = sum(p["restarts"] for p in ringload.ring_status(ring_name)["producers"])
+    assert (tmp_path / "died").exists() and restarts == 1
+    assert_same_stream(reference, before + after)
