@@ -175,3 +175,21 @@ def id_recipe(tmp_path, tokenizer_path):
         return path
 
     return write
+
+
+def record_ids(name: str) -> list[list[int]]:
+    """The record ids (an id_recipe's labels) of every batch of the ring, in order."""
+    import ringload
+
+    with ringload.connect(name, timeout=30) as loader:
+        return [batch["labels"].tolist() for batch in loader]
+
+
+def state_after(recipe, name: str, cut: int) -> dict:
+    """The checkpoint of a fresh run of ``recipe`` after its first ``cut`` batches."""
+    import ringload
+
+    with ringload.start(recipe, name=name) as ring, ringload.connect(ring.name) as loader:
+        for _ in range(cut):
+            next(loader)
+        return loader.state_dict()

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import yaml
-from conftest import RECORD_BYTES, write_records
+from conftest import RECORD_BYTES, record_ids, state_after, write_records
 
 import ringload
 
@@ -42,15 +42,10 @@ def mixed_recipe(tmp_path, tokenizer_path):
     return write
 
 
-def stream_ids(name: str) -> list[list[int]]:
-    with ringload.connect(name, timeout=30) as loader:
-        return [batch["labels"].tolist() for batch in loader]
-
-
 def test_first_exhausted_ends_the_epoch_when_one_source_runs_out(mixed_recipe, ring_name):
     """Weights 3:1 give A three chunks for every one of B; the epoch ends when A, drawn faster, runs out."""
     with ringload.start(mixed_recipe((3, 1), "first_exhausted"), name=ring_name) as ring:
-        batches = stream_ids(ring.name)
+        batches = record_ids(ring.name)
     sources = ["A" if batch[0] < B_FIRST else "B" for batch in batches[::8]]  # 8 batches a chunk
     assert "".join(sources) == "AABA" * 10  # smooth weighted round-robin, 30 A chunks and 10 of B
     ids = [i for batch in batches for i in batch]
@@ -61,7 +56,7 @@ def test_all_exhausted_repeats_sources_until_every_one_ran_out(mixed_recipe, rin
     """all_exhausted restarts A whenever it runs out, until B has run out too: B once, A three times and the
     two chunks of its fourth lap drawn (AABA...) before B's end showed."""
     with ringload.start(mixed_recipe((3, 1), "all_exhausted"), name=ring_name) as ring:
-        ids = [i for batch in stream_ids(ring.name) for i in batch]
+        ids = [i for batch in record_ids(ring.name) for i in batch]
     assert Counter(ids) == Counter([*range(480)] * 3 + [*range(32)] + [*range(B_FIRST, B_FIRST + 480)])
 
 
@@ -70,10 +65,7 @@ def test_resume_a_shuffled_mix(mixed_recipe, ring_name, cut):
     """A mixed, shuffled, repeating stream resumed from a state continues exactly as it would have."""
     recipe = mixed_recipe((2, 1), "all_exhausted", shuffle={"buffer": 40}, epochs=2)
     with ringload.start(recipe, name=ring_name) as ring:
-        reference = stream_ids(ring.name)
-    with ringload.start(recipe, name=ring_name) as ring, ringload.connect(ring.name) as loader:
-        for _ in range(cut):
-            next(loader)
-        state = loader.state_dict()
+        reference = record_ids(ring.name)
+    state = state_after(recipe, ring_name, cut)
     with ringload.start(recipe, name=ring_name, resume=state) as ring:
-        assert stream_ids(ring.name) == reference[cut:]
+        assert record_ids(ring.name) == reference[cut:]

@@ -259,3 +259,35 @@ def test_killed_rank_consumer_is_succeeded_on_its_rank(id_recipe, ring_name):
         rest = consume_ranks([ring.name], 2)
     assert got0 + rest[0] == reference[0]
     assert got1 + rest[1] == reference[1]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_producer_kills_under_two_ranks(id_recipe, ring_name, seed):
+    """Producers SIGKILLed at random moments while two ranks consume in step: both streams stay exact."""
+    import random
+    import signal
+
+    recipe = id_recipe(2, 16 * 60, slots=4, max_restarts=10)
+    reference, _ = run_nodes(recipe, ring_name, nnodes=1, world_size=2)
+    rng = random.Random(seed)
+    got: dict[int, list[list[int]]] = {0: [], 1: []}
+    kills = 0
+    with ringload.start(recipe, name=ring_name, world_size=2, producers=2) as ring:
+        loaders = [ringload.connect(ring.name, rank=r, timeout=30) for r in range(2)]
+        kill_at = sorted(rng.sample(range(1, len(reference[0]) - 1), 4))
+        for step in range(len(reference[0])):
+            if kill_at and step == kill_at[0]:
+                kill_at.pop(0)
+                victim = ringload.ring_status(ring.name)["producers"][rng.randrange(2)]
+                if victim["alive"]:
+                    os.kill(victim["pid"], signal.SIGKILL)
+                    kills += 1
+            for r in range(2):
+                got[r].append(next(loaders[r])["labels"].tolist())
+        for r in range(2):
+            with pytest.raises(StopIteration):
+                next(loaders[r])
+            loaders[r].close()
+        restarts = sum(p["restarts"] for p in ringload.ring_status(ring.name)["producers"])
+    assert kills >= 3 and restarts == kills
+    assert got == reference

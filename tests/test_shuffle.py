@@ -5,17 +5,12 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from conftest import record_ids, state_after
 
 import ringload
 from ringload._recipe import Source
 from ringload._sources import parse_records
 from ringload._stream import file_order, read_stream
-
-
-def ids_of(name: str, **connect) -> list[list[int]]:
-    """The record ids of every batch of the ring, in order."""
-    with ringload.connect(name, timeout=30, **connect) as loader:
-        return [batch["labels"].tolist() for batch in loader]
 
 
 def epoch_of(name: str) -> list[tuple[int, list[int]]]:
@@ -30,7 +25,7 @@ def test_shuffle_is_seeded_exact_and_mixes_within_its_window(id_recipe, ring_nam
     streams = {}
     for seed in (1, 1, 2):
         with ringload.start(id_recipe(1, records, shuffle={"buffer": buffer}, seed=seed), name=ring_name) as ring:
-            streams.setdefault(seed, []).append([i for b in ids_of(ring.name) for i in b])
+            streams.setdefault(seed, []).append([i for b in record_ids(ring.name) for i in b])
     first, again, other = streams[1][0], streams[1][1], streams[2][0]
     assert first == again and first != other
     assert Counter(first) == Counter(range(records))
@@ -59,14 +54,11 @@ def test_resume_inside_a_shuffle_window(id_recipe, ring_name, cut):
     """A state taken mid-window resumes with exactly the reference stream's remaining batches."""
     recipe = id_recipe(2, 16 * 12, shuffle={"buffer": 100})
     with ringload.start(recipe, name=ring_name) as ring:
-        reference = ids_of(ring.name)
-    with ringload.start(recipe, name=ring_name) as ring, ringload.connect(ring.name) as loader:
-        for _ in range(cut):
-            next(loader)
-        state = loader.state_dict()
+        reference = record_ids(ring.name)
+    state = state_after(recipe, ring_name, cut)
     assert state["resume"]["sources"][0][5] == (cut > 8)  # the cut at 9 lies in the second part of a window
     with ringload.start(recipe, name=ring_name, resume=state) as ring:
-        assert ids_of(ring.name) == reference[cut:]
+        assert record_ids(ring.name) == reference[cut:]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "paragraph"])
