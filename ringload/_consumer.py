@@ -113,7 +113,7 @@ class Loader:
         if holder and holder != os.getpid() and pid_alive(holder):
             self.close()
             raise RingError(f"rank {self.rank} of ring {self.name!r} already has a consumer (pid {holder}); "
-                            "each rank is served to one consumer (start the ring with --world-size for more ranks)")
+                            "a rank has one consumer (start the ring with --world-size for more ranks)")
         w[pid_word] = os.getpid()
         position = read_position(w, self._block)
         self._resume = list(position.resume)  # ResumePoint.words(), updated in place per batch
