@@ -4,38 +4,64 @@ Producer processes read raw text, tokenize it and write fixed-size batches strai
 POSIX shared-memory ring; the training process iterates over them as torch tensors that are
 views of the ring. Start a ring with ``ringload start RECIPE`` (or :func:`start`), consume it
 with :func:`connect`.
+
+The package loads lazily: ``import ringload`` imports nothing heavy, and each name below
+imports only the module that defines it when first used, so a training process that only
+connects never loads the producer stack (tokenizers, fsspec), and producers never load torch.
 """
 
-from ._consumer import Loader, connect
-from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RecipeError, RingError, RingloadError
-from ._handle import RingHandle, start
-from ._layout import Field
-from ._recipe import Recipe, load_recipe, parse_recipe
-from ._status import list_rings, ring_status
-from ._tasks import CausalLM, Classify, MaskedLM, MultiLabel, PendingBatch, Task, TokenizerInfo
+from __future__ import annotations
 
-__all__ = [
-    "CausalLM",
-    "Classify",
-    "DaemonGone",
-    "Field",
-    "Loader",
-    "LoaderTimeout",
-    "MaskedLM",
-    "MultiLabel",
-    "PendingBatch",
-    "ProducerFailed",
-    "Recipe",
-    "RecipeError",
-    "RingError",
-    "RingHandle",
-    "RingloadError",
-    "Task",
-    "TokenizerInfo",
-    "connect",
-    "list_rings",
-    "load_recipe",
-    "parse_recipe",
-    "ring_status",
-    "start",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "Loader": "_consumer",
+    "connect": "_consumer",
+    "DaemonGone": "_errors",
+    "LoaderTimeout": "_errors",
+    "ProducerFailed": "_errors",
+    "RecipeError": "_errors",
+    "RingError": "_errors",
+    "RingloadError": "_errors",
+    "RingHandle": "_handle",
+    "start": "_handle",
+    "Field": "_layout",
+    "Recipe": "_recipe",
+    "load_recipe": "_recipe",
+    "parse_recipe": "_recipe",
+    "list_rings": "_status",
+    "ring_status": "_status",
+    "CausalLM": "_tasks",
+    "Classify": "_tasks",
+    "MaskedLM": "_tasks",
+    "MultiLabel": "_tasks",
+    "PendingBatch": "_tasks",
+    "Task": "_tasks",
+    "TokenizerInfo": "_tasks",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'ringload' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from ._consumer import Loader, connect
+    from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RecipeError, RingError, RingloadError
+    from ._handle import RingHandle, start
+    from ._layout import Field
+    from ._recipe import Recipe, load_recipe, parse_recipe
+    from ._status import list_rings, ring_status
+    from ._tasks import CausalLM, Classify, MaskedLM, MultiLabel, PendingBatch, Task, TokenizerInfo

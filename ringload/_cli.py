@@ -94,8 +94,9 @@ def status(name: str | None, as_json: bool, watch: bool) -> None:
         if len(rings) != 1:
             raise click.ClickException(f"name a ring: there are {len(rings)} ({', '.join(rings) or 'none'})")
         name = rings[0]
+    snapshot = None
     while True:
-        snapshot = ring_status(name)
+        snapshot = ring_status(name, previous=snapshot if watch else None)  # watch: shares of the last interval
         if as_json:
             click.echo(json.dumps(snapshot, indent=2))
         else:
@@ -127,17 +128,35 @@ def _render_status(s: dict) -> str:
         lines.append(f"ERROR: {s['error']}")
     if s["source_errors"]:
         lines.append(f"files skipped from a broken point on: {s['source_errors']} (see the daemon's log)")
+    lines += _render_stages(s["stages"])
     header = ("lane", "pid", "alive", "batches", "examples", "tokens", "restarts", "bad", "dropped tok/ex",
-              "unknown labels", "chunk")
+              "unknown labels", "chunk", "chunk KiB/age", "work/wait chunk/wait slot s")
     rows = [header] + [
         (p["lane"], p["pid"], "yes" if p["alive"] else "no", p["batches"], p["examples"], p["tokens"], p["restarts"],
-         p["bad_records"], f"{p['tokens_dropped']}/{p['examples_dropped']}", p["labels_unknown"], p["current_chunk"])
+         p["bad_records"], f"{p['tokens_dropped']}/{p['examples_dropped']}", p["labels_unknown"], p["current_chunk"],
+         f"{p['chunk_bytes'] // 1024}/{p['chunk_age_s'] or 0:.1f}s",
+         f"{p['work_s']:.1f}/{p['wait_chunk_s']:.1f}/{p['wait_slot_s']:.1f}")
         for p in s["producers"]
     ]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     lines.append("")
     lines += ["  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
+
+
+def _render_stages(stages: dict) -> list[str]:
+    """Where time goes, as percentages, and the stage holding the others up."""
+    def pct(share: float | None) -> str:
+        return "-" if share is None else f"{100 * share:.0f}%"
+
+    p, r = stages["producers"], stages["reader"]
+    waits = ", ".join(f"rank {rank} {pct(w)}" for rank, w in enumerate(stages["consumers_wait"]) if w is not None)
+    lines = [f"time: producers work {pct(p['work'])}, wait for a chunk {pct(p['wait_chunk'])}, wait for a slot "
+             f"{pct(p['wait_slot'])}; reader reads {pct(r['read'])}, waits {pct(r['wait'])}; consumers wait for the "
+             f"due batch: {waits or 'none connected'}"]
+    if stages["bottleneck"]:
+        lines.append(f"bottleneck: {stages['bottleneck']}")
+    return lines
 
 
 @main.command()

@@ -115,6 +115,8 @@ class Loader:
             raise RingError(f"rank {self.rank} of ring {self.name!r} already has a consumer (pid {holder}); "
                             "a rank has one consumer (start the ring with --world-size for more ranks)")
         w[pid_word] = os.getpid()
+        w[self._block + ConsumerWord.CONNECTED_NS] = time.time_ns()
+        w[self._block + ConsumerWord.WAIT_NS] = 0
         position = read_position(w, self._block)
         self._resume = list(position.resume)  # ResumePoint.words(), updated in place per batch
         self.next_chunk, self.next_index, self.delivered = position.next_chunk, position.next_index, position.delivered
@@ -168,9 +170,13 @@ class Loader:
 
     def _next_slot(self) -> tuple[int, int]:
         """Wait for the due batch, move the search past it and return its (lane, seq)."""
-        deadline = None
+        deadline = waiting_since = None
         while True:
             found = self._find()
+            if waiting_since is not None:  # the due batch is late: the consumer waits on the producers
+                now = time.monotonic_ns()
+                self._words[self._block + ConsumerWord.WAIT_NS] += now - waiting_since
+                waiting_since = now
             if found is not None:
                 lane, seq = found
                 base = self.ring.slot_word(lane, seq % self._slots, 0)
@@ -188,6 +194,7 @@ class Loader:
                 raise StopIteration
             if deadline is None:
                 deadline = time.monotonic() + self.timeout
+                waiting_since = time.monotonic_ns()
             self._check_health(deadline)
             acquire(self._doorbell, POLL_S)
 

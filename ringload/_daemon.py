@@ -47,7 +47,7 @@ from ._recipe import Recipe
 from ._resume import check_state, stream_identity
 from ._sources import Chunk, Hooks, expand_paths
 from ._stream import ResumePoint, read_stream
-from ._tasks import build_task
+from ._tasks import build_task, task_class
 
 HEARTBEAT_S = 0.25
 TOKENS_PER_BYTE_ESTIMATE = 0.3  # WordPiece/BPE on English prose; only sizes the default lanes
@@ -75,25 +75,21 @@ def batches_per_chunk(recipe: Recipe, fields: list[Field]) -> float:
 
 
 def default_slots(recipe: Recipe, fields: list[Field]) -> int:
-    """Slots per lane to hold about two chunks of a rank's batches, so ordered delivery never convoys."""
+    """Slots per lane to hold about two chunks of a rank's batches. Producers tokenize ahead of a full
+    lane (``_producer``), so fewer slots cost no throughput, only the consumer's read-ahead."""
     return int(min(4096, max(8, math.ceil(2 * batches_per_chunk(recipe, fields) / recipe.dealt_ranks))))
 
 
 def geometry_for(recipe: Recipe) -> Geometry:
     fields = build_task(recipe.task, recipe.tokenizer, recipe.batch_size, recipe.seed).fields()
-    suggested = default_slots(recipe, fields)
     ranks, per_chunk = recipe.dealt_ranks, batches_per_chunk(recipe, fields)
     cut = (ranks - 1) / 2 / max(per_chunk, 1)  # on average half a group of one batch per rank
     if cut > 0.03:
         log.warning("chunks of %d bytes give about %.0f batches each, cut to a multiple of %d ranks: about %.0f%% "
                     "of batches dropped; set chunk_bytes to %d or more to drop under 3%%", recipe.chunk_size,
                     per_chunk, ranks, 100 * cut, int(recipe.chunk_size * cut / 0.03))
-    if recipe.slots is not None and recipe.slots < suggested // 2:
-        log.warning("slots: %d per producer holds less than one chunk of batches (about %d); producers will wait "
-                    "on each other to keep the stream in order: raise slots or lower chunk_bytes",
-                    recipe.slots, suggested // 2)
-    return Geometry(recipe.producers * recipe.world_size, recipe.slots or suggested, recipe.batch_size, tuple(fields),
-                    recipe.world_size)
+    return Geometry(recipe.producers * recipe.world_size, recipe.slots or default_slots(recipe, fields),
+                    recipe.batch_size, tuple(fields), recipe.world_size)
 
 
 class Daemon:
@@ -125,15 +121,26 @@ class Daemon:
         files = [self._node_files(expand_paths(source), j) for j, source in enumerate(self.recipe.sources)]
         for source in self.recipe.sources:
             Hooks.load(source)  # a hook that does not import fails here, before any producer runs
-        geometry = geometry_for(self.recipe)
-        header_recipe = {"recipe": self.recipe.to_dict(), "files": files}
-        start = None
-        if self.resume_state is not None:
-            start, position, delivered = check_state(self.resume_state, stream_identity(header_recipe))
-            if start.chunk >= 0:
-                self.first_skip = (start.chunk, start.skip)
-        reclaim_if_dead(self.name)
-        self.ring = Ring.create(self.name, geometry, header_recipe)
+        self.files = files
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per producer; no fork-after-threads
+        # Producers start first: their interpreter start, imports and tokenizer load (about half the
+        # time to the first batch) overlap the ring's creation; each attaches once the ring exists.
+        self.producers = [ProducerSlot(p) for p in range(self.recipe.producers)]
+        for slot in self.producers:
+            self._spawn(slot)
+        try:
+            geometry = geometry_for(self.recipe)
+            header_recipe = {"recipe": self.recipe.to_dict(), "files": files}
+            start = None
+            if self.resume_state is not None:
+                start, position, delivered = check_state(self.resume_state, stream_identity(header_recipe))
+                if start.chunk >= 0:
+                    self.first_skip = (start.chunk, start.skip)
+            reclaim_if_dead(self.name)
+            self.ring = Ring.create(self.name, geometry, header_recipe)
+        except BaseException:
+            self._stop_producers()
+            raise
         for rank in range(geometry.ranks):
             # Rank r's first batch of a chunk is index g (its global rank). A state is rank-independent:
             # its `next` holds the due chunk and the index due for global rank 0.
@@ -141,16 +148,13 @@ class Daemon:
             due = (Position(0, first) if start is None else
                    Position(position[0], position[1] + first, delivered, start.words()))
             write_position(self.ring.words, self.ring.consumer_block(rank), due)
+        for slot in self.producers:
+            self.ring.set(self.ring.lane_word(slot.lane, LaneWord.PID), slot.process.pid)
         try:
             self.sems = Semaphores(self.name, geometry.lanes, geometry.slots, geometry.ranks)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self._request_stop())
             threading.Thread(target=self._read, args=(files, start), name="ringload-reader", daemon=True).start()
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per producer; no fork-after-threads
-            self.files = files
-            self.producers = [ProducerSlot(p) for p in range(geometry.producers)]
-            for slot in self.producers:
-                self._spawn(slot)
             self.ring.set_state(State.RUNNING)
             log.info("ring %s: %d producers x %d ranks x %d slots of %d x %s, %.1f MiB in /dev/shm%s", self.name,
                      geometry.producers, geometry.ranks, geometry.slots, geometry.batch_size,
@@ -184,7 +188,8 @@ class Daemon:
         )
         process.start()
         child.close()
-        self.ring.set(self.ring.lane_word(slot.lane, LaneWord.PID), process.pid)
+        if self.ring is not None:  # the first producers start before the ring exists; run() records them
+            self.ring.set(self.ring.lane_word(slot.lane, LaneWord.PID), process.pid)
         slot.process, slot.conn, slot.idle, slot.chunk = process, parent, False, None
 
     def _teardown(self) -> None:
@@ -193,6 +198,15 @@ class Daemon:
             ring.set_state(State.STOPPING)
         if self.sems:
             self.sems.ring_all()  # wake waiting consumers so they see the new state
+        self._stop_producers()
+        if self.sems:
+            self.sems.close()
+        remove_ring(self.name, ring.geometry.lanes, ring.geometry.ranks)
+        ring.close()
+        log.info("ring %s: stopped and removed", self.name)
+
+    def _stop_producers(self) -> None:
+        """Close their pipes (a producer waiting for a chunk then exits); kill any still running after 2 s."""
         for slot in self.producers:
             if slot.conn:
                 slot.conn.close()
@@ -203,27 +217,28 @@ class Daemon:
                 if slot.process.is_alive():
                     slot.process.kill()
                     slot.process.join()
-        if self.sems:
-            self.sems.close()
-        remove_ring(self.name, ring.geometry.lanes, ring.geometry.ranks)
-        ring.close()
-        log.info("ring %s: stopped and removed", self.name)
 
     # -- the reader thread -------------------------------------------------------------------
     def _read(self, files: list[list[str]], start: ResumePoint | None) -> None:
         count = max(start.chunk, 0) if start else 0
         meter = SourceMeter()
+        ring = self.ring
         try:
             skip_broken = self._count_source_error if self.recipe.on_bad_record == "skip" else None
-            for chunk in read_stream(self.recipe, files, start, skip_broken, meter):
-                self.ring.set(Word.BYTES_FETCHED, meter.fetched)
-                self.ring.set(Word.BYTES_LISTED, meter.listed)
+            split = task_class(self.recipe.task["type"]).packs_documents(self.recipe.task)
+            mark = time.monotonic_ns()
+            for chunk in read_stream(self.recipe, files, start, skip_broken, meter, split_long_records=split):
+                ring.set(Word.BYTES_FETCHED, meter.fetched)
+                ring.set(Word.BYTES_LISTED, meter.listed)
+                mark = self._count(Word.READER_READ_NS, mark)
                 while not self.stop_requested.is_set():
                     try:
                         self.chunks.put(chunk, timeout=HEARTBEAT_S)
                         break
                     except queue.Full:
                         continue
+                    finally:  # counted as it goes, so that status sees a long wait while it lasts
+                        mark = self._count(Word.READER_WAIT_NS, mark)
                 if self.stop_requested.is_set():
                     return
                 count += 1
@@ -233,6 +248,12 @@ class Daemon:
         self.chunks_read = count
         self.chunks.put(None)
         os.write(self.wake_w, b"e")
+
+    def _count(self, word: int, since: int) -> int:
+        """Add the nanoseconds since ``since`` to the reader's time counter ``word``; return now."""
+        now = time.monotonic_ns()
+        self.ring.set(word, self.ring.get(word) + now - since)
+        return now
 
     def _count_source_error(self, error: Exception) -> None:
         self.ring.set(Word.SOURCE_ERRORS, self.ring.get(Word.SOURCE_ERRORS) + 1)

@@ -20,7 +20,7 @@ Invariant: ``released <= taken <= published <= released + S``. A slot's state fo
          -> PUBLISHED -> (consumer takes a `filled` token) -> TAKEN
          -> (released += 1, post `free`) -> FREE
 
-Lane control block (4 cache lines; counters on separate lines so the two sides never write the
+Lane control block (5 cache lines; counters on separate lines so the two sides never write the
 same line)::
 
     line 0  producer:  published | posted
@@ -28,8 +28,13 @@ same line)::
     line 2  producer:  batches | examples | tokens | bad_records | tokens_dropped | chunks | current_chunk
                        | labels_unknown
     line 3  daemon:    pid | restarts | exitcode;  producer: examples_dropped
+    line 4  producer:  work_ns | wait_chunk_ns | wait_slot_ns (where its time went, cumulative)
+                       | chunk_started_ns (wall clock) | chunk_bytes (of the current chunk)
+                       | stage (which of the first three words the time since stage_since_ns
+                       belongs to) | stage_since_ns (CLOCK_MONOTONIC, the same in every process)
+                       | ahead (batches of its chunk tokenized and waiting for a free slot)
 
-A producer's statistics (lines 2 and 3) live in its rank-0 lane, lane ``p``.
+A producer's statistics (lines 2, 3 and 4) live in its rank-0 lane, lane ``p``.
 
 Semaphores (POSIX, mode 0600): ``filled.L`` counts published slots not yet taken, ``free.L`` free
 slots of lane L, and one ``doorbell.R`` per rank that every publish into one of rank R's lanes also
@@ -87,6 +92,14 @@ class LaneWord:
     RESTARTS = 25
     EXITCODE = 26
     EXAMPLES_DROPPED = 27
+    WORK_NS = 32
+    WAIT_CHUNK_NS = 33
+    WAIT_SLOT_NS = 34
+    CHUNK_STARTED_NS = 35
+    CHUNK_BYTES = 36
+    STAGE = 37
+    STAGE_SINCE_NS = 38
+    AHEAD = 39
 
 
 STAT_WORDS = {
@@ -177,6 +190,15 @@ class LaneWriter:
     @property
     def next_seq(self) -> int:
         return self.words[self._published]
+
+    def try_claim(self) -> int | None:
+        """The next sequence number if its slot is free now, else None (never waits)."""
+        while acquire(self._free, 0):
+            seq = self.words[self._published]
+            if seq - self.words[self._released] < self.slots:
+                return seq
+            # a surplus token left by a repair: absorb it and look again
+        return None
 
     def claim(self, keep_waiting: Callable[[], bool], poll: float = 0.2) -> int:
         """Wait for a free slot for the next sequence number and return that sequence number.

@@ -15,16 +15,20 @@ Byte layout::
     128    source line (the daemon's reader thread writes)
            source_errors (files it could not read to the end) | bytes_fetched (raw bytes read from
            the sources, before decompression) | bytes_listed (sizes of the files opened so far)
+           | reader_read_ns (time spent reading and cutting chunks) | reader_wait_ns (time spent
+           waiting for room in the read-ahead queue, i.e. for producers)
     192    (unused)
     320    schema: 8 entries x 64 bytes
            name 24s | dtype 8s (numpy str, e.g. "<i4") | ndim u32 | dims 3 x u32 | offset | nbytes
     768    last error: length u32 + UTF-8 text (ERROR_CAPACITY bytes)
     1792   recipe: length u32 + JSON text of the resolved recipe (up to the header's end)
-    lanes_offset   one LANE_BLOCK (4 lines) per lane, see ``_lanes``
+    lanes_offset   one LANE_BLOCK (5 lines) per lane, see ``_lanes``
     consumers_offset = lanes_offset + lanes * LANE_BLOCK
                    one CONSUMER_BLOCK (16 lines) per consumer rank (rank r's consumer writes it,
                    the daemon and CLI read it): consumer_pid | position_generation
                    | position record 0 (56 words) | position record 1 (56 words)
+                   | connected_ns (wall clock of its connect) | wait_ns (time spent since then
+                   waiting for the due batch)
                    a position record: next_chunk | next_index | delivered | resume point (53 words:
                    chunk | skip | epoch | pick | source | per source x 8: seen | lap | file_index
                    | offset | line | part; see ``_stream.ResumePoint``)
@@ -69,7 +73,7 @@ from ._names import shm_name, validate_name
 from ._recipe import MAX_SOURCES
 
 MAGIC = b"RINGLOAD"
-VERSION = 3
+VERSION = 4
 LINE = 64
 MAX_FIELDS = 8
 MAX_LANES = 256
@@ -79,7 +83,7 @@ SCHEMA_OFFSET = 320
 ERROR_OFFSET = SCHEMA_OFFSET + MAX_FIELDS * LINE
 ERROR_CAPACITY = 1020
 RECIPE_OFFSET = ERROR_OFFSET + 4 + ERROR_CAPACITY
-LANE_BLOCK = 4 * LINE
+LANE_BLOCK = 5 * LINE
 CONSUMER_BLOCK = 16 * LINE
 SOURCE_CURSOR_WORDS = 6  # seen | lap | file_index | offset | line | part
 RESUME_WORDS = 5 + MAX_SOURCES * SOURCE_CURSOR_WORDS
@@ -112,6 +116,8 @@ class Word:
     SOURCE_ERRORS = 16
     BYTES_FETCHED = 17
     BYTES_LISTED = 18
+    READER_READ_NS = 19
+    READER_WAIT_NS = 20
 
 
 class ConsumerWord:
@@ -120,6 +126,8 @@ class ConsumerWord:
     PID = 0
     POSITION_GENERATION = 1  # which of the two position records is current: generation % 2
     POSITION_RECORDS = (2, 2 + POSITION_WORDS)
+    CONNECTED_NS = 2 + 2 * POSITION_WORDS
+    WAIT_NS = CONNECTED_NS + 1
 
 
 class SlotWord:

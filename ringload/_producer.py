@@ -11,24 +11,36 @@ one chunk a producer holds and can hand it to a replacement if the producer dies
 says how many of the chunk's batches were already published. Nothing else crosses the pipe:
 batches go straight from the task into the shared-memory slots, dealt to the ranks' lanes as
 ``_lanes`` describes. This module never imports torch.
+
+Working ahead. The consumer delivers chunks in order, so a producer whose chunk is not yet due
+fills its lanes and would then wait. Instead, while a lane is full it keeps taking the chunk's
+next batches from the task (tokenizing them into its own memory, up to ``LOOKAHEAD_BYTES``) and
+publishes them as slots free up: producers tokenize side by side whatever ``slots`` is, and a
+producer still holds one chunk at a time, so a replacement redoes exactly that chunk.
+
+Where the time goes. Each producer counts, in its lane's statistics, the nanoseconds spent
+working (parsing, tokenizing, shaping, writing), waiting for a chunk and waiting for a free slot
+(``ringload status`` turns them into shares and names the stage that holds the others up).
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
-import itertools
 import os
 import signal
 import struct
 import sys
+import time
 import traceback
 from collections import deque
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
 from ._lanes import LaneWord, LaneWriter, Semaphores
-from ._layout import Ring, State
+from ._errors import RingError
+from ._layout import Ring, State, Word
 from ._recipe import parse_recipe
 from ._sources import Chunk, Hooks, parse_records
 from ._tasks import PendingBatch, build_task
@@ -37,6 +49,8 @@ CHUNK_HEADER = struct.Struct("<10q")
 WANT = b"W"
 ERROR = b"E"
 BAD_RECORDS_LOGGED = 5
+ATTACH_POLL_S = 0.005
+LOOKAHEAD_BYTES = 256 << 20  # at most this much of a chunk's batches waits in a producer's memory
 PR_SET_PDEATHSIG = 1
 
 
@@ -56,16 +70,18 @@ class Producer:
     def __init__(self, ring_name: str, lane: int, conn: Connection, recipe: dict[str, Any], files: list[list[str]]):
         self.lane, self.conn, self.files = lane, conn, files
         self.recipe = parse_recipe(recipe)
-        self.ring = Ring.attach(ring_name)
-        self.sems = Semaphores.of(self.ring)
+        self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed)
+        self.hooks = [Hooks.load(source) for source in self.recipe.sources]
+        self.daemon_pid = os.getppid()
+        self.ring, self.sems = _attach_when_created(ring_name, self.daemon_pid)
         ranks = self.ring.geometry.ranks
         self.writers = [LaneWriter(self.ring, self.sems, self.ring.rank_lanes(r)[lane]) for r in range(ranks)]
         self.dealt_ranks = self.recipe.dealt_ranks
         self.first_rank = self.recipe.first_dealt_rank  # which of them is this node's local rank 0
-        self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed)
-        self.hooks = [Hooks.load(source) for source in self.recipe.sources]
-        self.daemon_pid = os.getppid()
         self.bad_logged = 0
+        self._stage(LaneWord.WORK_NS, time.monotonic_ns())
+        # Batches tokenized ahead of a full lane: enough for a whole chunk, within LOOKAHEAD_BYTES.
+        self.lookahead = max(2 * self.dealt_ranks, LOOKAHEAD_BYTES // self.ring.slot_size)
 
     def _stat(self, word: int, value: int) -> None:
         self.ring.words[self.ring.lane_word(self.lane, word)] = value
@@ -74,16 +90,29 @@ class Producer:
         index = self.ring.lane_word(self.lane, word)
         self.ring.words[index] += delta
 
+    def _stage(self, word: int, now: int) -> None:
+        """From ``now`` on, time goes to ``word``; status adds the part not yet counted."""
+        self._stat(LaneWord.STAGE, word)
+        self._stat(LaneWord.STAGE_SINCE_NS, now)
+
+    def _spent(self, word: int, then: int) -> None:
+        """Count the time of the stage that ends now as ``word``; the stage ``then`` begins."""
+        now = time.monotonic_ns()
+        self._add(word, now - self.ring.words[self.ring.lane_word(self.lane, LaneWord.STAGE_SINCE_NS)])
+        self._stage(then, now)
+
     def _keep_waiting(self) -> bool:
         return os.getppid() == self.daemon_pid and self.ring.state in (State.STARTING, State.RUNNING)
 
     def run(self) -> None:
         while True:
+            self._spent(LaneWord.WORK_NS, LaneWord.WAIT_CHUNK_NS)
             self.conn.send_bytes(WANT)
             try:
                 message = self.conn.recv_bytes()
             except EOFError:
                 return  # the daemon closed the pipe: shutting down
+            self._spent(LaneWord.WAIT_CHUNK_NS, LaneWord.WORK_NS)
             chunk, skip = decode_chunk(message)
             self.process(chunk, skip)
 
@@ -99,44 +128,56 @@ class Producer:
         if bad:
             self._report_bad(bad)
         self._stat(LaneWord.CURRENT_CHUNK, chunk.id)
+        self._stat(LaneWord.CHUNK_BYTES, len(chunk.payload))
+        self._stat(LaneWord.CHUNK_STARTED_NS, time.time_ns())
         # Batches go out a group of one per global rank at a time; a group is published once the
         # next one is known to be complete or not, which says whether it is the chunk's last.
         every = self.dealt_ranks
-        batches = self.task.batches(records, chunk.id)
-        window: deque[PendingBatch] = deque()
-        index = records_kept = records_batched = 0
+        ahead = _Ahead(self.task.batches(records, chunk.id), self.lookahead)
+        index = records_kept = 0
         while True:
-            for batch in itertools.islice(batches, 2 * every - len(window)):
-                window.append(batch)
-                records_batched = batch.records_done
-            if len(window) < every:
+            ahead.fill(2 * every)
+            if len(ahead.ready) < every:
                 break
-            last = len(window) < 2 * every
+            last = ahead.exhausted and len(ahead.ready) < 2 * every
             for _ in range(every):
-                batch = window.popleft()
+                batch = ahead.ready.popleft()
                 rank = index % every - self.first_rank
                 if index >= skip and 0 <= rank < len(self.writers):
-                    self._publish(chunk, index, rank, batch, last)
+                    self._publish(chunk, index, rank, batch, last, ahead)
                 records_kept, index = batch.records_done, index + 1
-        tokens_cut = sum(b.tokens for b in window)
+        tokens_cut = sum(b.tokens for b in ahead.ready)
         if index == 0:
             # A chunk too small for a batch per rank still ends: an empty, flagged slot tells each rank.
             for rank, writer in enumerate(self.writers):
                 marker = self.first_rank + rank
                 if marker >= skip:
-                    seq = writer.claim(self._keep_waiting)
+                    seq = self._claim(writer, ahead)
                     writer.publish(seq, chunk.id, marker, 0, True, chunk.cursor, len(records), 0)
         if skip < max(index, every):  # not a redo of a chunk whose predecessor finished it
             # Batches cut off to keep the ranks even count as dropped, like a chunk's partial last batch.
             self._add(LaneWord.TOKENS_DROPPED, self.task.tokens_dropped + tokens_cut)
-            self._add(LaneWord.EXAMPLES_DROPPED, self.task.examples_dropped + records_batched - records_kept)
+            self._add(LaneWord.EXAMPLES_DROPPED, self.task.examples_dropped + ahead.records_batched - records_kept)
             self._add(LaneWord.LABELS_UNKNOWN, self.task.labels_unknown - unknown_before)
             self._add(LaneWord.EXAMPLES, len(records))
             self._add(LaneWord.CHUNKS, 1)
 
-    def _publish(self, chunk: Chunk, index: int, rank: int, batch: PendingBatch, last: bool) -> None:
+    def _claim(self, writer: LaneWriter, ahead: _Ahead) -> int:
+        """A free slot of ``writer``'s lane. While the lane is full, tokenize the chunk's next batches
+        ahead instead of waiting, so a producer whose chunk is not yet due keeps working."""
+        seq = writer.try_claim()
+        while seq is None and ahead.pull():
+            seq = writer.try_claim()
+        self._stat(LaneWord.AHEAD, len(ahead.ready))
+        if seq is None:
+            self._spent(LaneWord.WORK_NS, LaneWord.WAIT_SLOT_NS)
+            seq = writer.claim(self._keep_waiting)
+            self._spent(LaneWord.WAIT_SLOT_NS, LaneWord.WORK_NS)
+        return seq
+
+    def _publish(self, chunk: Chunk, index: int, rank: int, batch: PendingBatch, last: bool, ahead: _Ahead) -> None:
         writer = self.writers[rank]
-        seq = writer.claim(self._keep_waiting)
+        seq = self._claim(writer, ahead)
         batch.write(writer.views[seq % writer.slots])
         writer.publish(seq, chunk.id, index, batch.rows, last, chunk.cursor, batch.records_done, batch.tokens)
         self._add(LaneWord.BATCHES, 1)
@@ -149,6 +190,52 @@ class Producer:
         for record in bad[: max(0, BAD_RECORDS_LOGGED - self.bad_logged)]:
             print(f"ringload producer {self.lane}: skipped bad record {record}", file=sys.stderr, flush=True)
         self.bad_logged += len(bad)
+
+
+def _attach_when_created(ring_name: str, daemon_pid: int) -> tuple[Ring, Semaphores]:
+    """The ring and its semaphores, once the daemon has created them (producers start first)."""
+    while True:
+        try:
+            ring = Ring.attach(ring_name)
+        except RingError:
+            ring = None  # not created yet (or a dead daemon's leftovers, about to be reclaimed)
+        if ring is not None and ring.get(Word.DAEMON_PID) == daemon_pid:
+            try:
+                return ring, Semaphores.of(ring)
+            except RingError:
+                pass  # the semaphores come right after the ring
+        if ring is not None:
+            ring.close()
+        if os.getppid() != daemon_pid:
+            raise InterruptedError("the daemon ended before its ring was created")
+        time.sleep(ATTACH_POLL_S)
+
+
+class _Ahead:
+    """A chunk's batches, taken from the task ahead of publication: up to ``limit`` wait here,
+    tokenized, while the producer's lane is full (their chunk is not due yet)."""
+
+    def __init__(self, batches: Iterator[PendingBatch], limit: int):
+        self.batches, self.limit = batches, limit
+        self.ready: deque[PendingBatch] = deque()
+        self.exhausted = False
+        self.records_batched = 0  # records of the chunk consumed by the batches taken so far
+
+    def pull(self) -> bool:
+        """Take one more batch from the task; False when the chunk has no more or the limit is reached."""
+        if self.exhausted or len(self.ready) >= self.limit:
+            return False
+        batch = next(self.batches, None)
+        if batch is None:
+            self.exhausted = True
+            return False
+        self.ready.append(batch)
+        self.records_batched = batch.records_done
+        return True
+
+    def fill(self, count: int) -> None:
+        while len(self.ready) < count and self.pull():
+            pass
 
 
 def _die_with_parent(parent: int) -> None:

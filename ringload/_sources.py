@@ -12,6 +12,15 @@ lines ``{"index": ...}`` are skipped, documents give ``field``), ``csv``/``tsv``
 names the columns; csv fields may be quoted and span lines, so a csv chunk ends only where the
 count of quote characters is even; every csv/tsv chunk carries the header line in front),
 ``parquet`` (read a row group at a time with pyarrow; its rows travel as JSON lines).
+
+Long records. A chunk's cost is what keeps producers in step: the consumer delivers chunks in
+order, so while one producer works on a chunk much larger than the others, the rest fill their
+lanes with later chunks and then wait (a convoy). So where a task packs documents into rows
+(``split_long_records``), a record longer than ``chunk_bytes`` in a line format (text, jsonl,
+cirrussearch) is cut at whitespace into pieces of about ``chunk_bytes``, each its own chunk and,
+for the task, its own document; packing already cuts documents across rows, so rows barely
+change. A piece's cursor is the record's start (offset, line) and its ``part``, the piece's
+index: the cut points depend only on the record, so reading resumes at any piece.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import importlib
 import io
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +60,7 @@ class Chunk:
     source: int = 0  # which of the recipe's sources
     lap: int = 0  # the source's pass within the epoch (all_exhausted restarts a source that ran out)
     pick: int = 0  # the chunk's number within its epoch
+    continues: bool = False  # a piece of a long record that is not its last (never crosses the pipe)
 
     @property
     def cursor(self) -> tuple[int, ...]:
@@ -101,18 +112,22 @@ class SourceError(OSError):
 
 
 def read_blocks(source: Source, files: list[str], order: list[int], chunk_bytes: int, stamp: Chunk,
-                resume: tuple[int, int] | None, on_error: Callable[[SourceError], None] | None,
-                meter: SourceMeter) -> Iterator[Chunk]:
+                resume: tuple[int, int, int] | None, on_error: Callable[[SourceError], None] | None,
+                meter: SourceMeter, split_long_records: bool = False) -> Iterator[Chunk]:
     """Blocks of about ``chunk_bytes`` of whole records (a block never spans two files), reading
     ``files`` in ``order``; each block copies ``stamp``'s epoch, source and lap (its id is unset).
 
-    ``resume`` = (byte offset, line) where reading starts in the first file. A file that breaks off
-    (truncated or corrupt compression, unreadable) raises ``SourceError``, or, given ``on_error``,
-    is reported to it and the rest of that file skipped."""
+    ``resume`` = (byte offset, line, part) where reading starts in the first file (``part``: pieces
+    of a long record already read there). ``split_long_records``: cut records longer than
+    ``chunk_bytes`` into pieces (see the module docstring). A file that breaks off (truncated or
+    corrupt compression, unreadable) raises ``SourceError``, or, given ``on_error``, is reported to
+    it and the rest of that file skipped."""
 
-    def block(file_index: int, offset: int, line: int, payload: bytes) -> Chunk:
-        return dataclasses.replace(stamp, file_index=file_index, offset=offset, line=line, payload=payload)
+    def block(file_index: int, offset: int, line: int, payload: bytes, part: int = 0, continues: bool = False) -> Chunk:
+        return dataclasses.replace(stamp, file_index=file_index, offset=offset, line=line, payload=payload, part=part,
+                                   continues=continues)
 
+    splits = split_long_records and source.format in SPLITTABLE_FORMATS
     for position, file_index in enumerate(order):
         first = resume if position == 0 else None
         offset = 0
@@ -125,15 +140,28 @@ def read_blocks(source: Source, files: list[str], order: list[int], chunk_bytes:
             with open_source(files[file_index], source, meter) as stream:
                 header = stream.readline() if source.format in ("csv", "tsv") else b""
                 offset, line = len(header), 1 + bool(header)
+                pieces_read = 0
                 if first:
                     _skip_to(stream, first[0], offset)
-                    offset, line = first
+                    offset, line, pieces_read = first
                 while True:
                     payload = stream.read(chunk_bytes)
                     if not payload:
                         break
                     payload = _complete_records(stream, payload, source)
-                    yield block(file_index, offset, line, header + payload)
+                    at = _last_record_start(payload, source) if splits else 0
+                    pieces = _record_pieces(payload[at:], source, chunk_bytes) if splits else None
+                    if pieces is None:
+                        yield block(file_index, offset, line, header + payload)
+                    else:  # the block ends before the long record, which follows as pieces
+                        if at:
+                            yield block(file_index, offset, line, payload[:at])
+                            offset += at
+                            line += payload.count(b"\n", 0, at)
+                        for part, piece in enumerate(pieces[pieces_read:], pieces_read):
+                            yield block(file_index, offset, line, piece, part, continues=part < len(pieces) - 1)
+                        payload = payload[at:]
+                    pieces_read = 0
                     offset += len(payload)
                     line += payload.count(b"\n")
         except RemoteReadError:
@@ -240,6 +268,63 @@ def _complete_records(stream: Any, payload: bytes, source: Source) -> bytes:
         if not more or not more.strip():
             break
     return payload
+
+
+SPLITTABLE_FORMATS = ("text", "jsonl", "cirrussearch")
+_PARAGRAPH_END = re.compile(rb"\n[ \t\r]*\n")
+_WHITESPACE = re.compile(rb"[ \t\r\n]")
+
+
+def _last_record_start(payload: bytes, source: Source) -> int:
+    """Offset in ``payload`` (whole records) where its last record begins."""
+    body = payload.rstrip(b"\r\n")
+    if source.format == "text" and source.text_unit == "paragraph":
+        ends = [m.end() for m in _PARAGRAPH_END.finditer(body)]
+        return ends[-1] if ends else 0
+    return body.rfind(b"\n") + 1
+
+
+def _record_pieces(record: bytes, source: Source, size: int) -> list[bytes] | None:
+    """A record longer than ``size`` bytes as records of about ``size`` bytes of its text, cut at
+    whitespace; None if it is not that long or has no text to cut (it then stays whole)."""
+    if len(record) <= size:
+        return None
+    terminator = record[len(record.rstrip(b"\r\n")):]
+    if source.format == "text":
+        texts = _cut_at_whitespace(record[:len(record) - len(terminator)], size)
+        return None if texts is None else [t + (b"\n\n" if source.text_unit == "paragraph" else b"\n") for t in texts]
+    try:
+        obj = json.loads(record)
+    except ValueError:
+        return None  # a bad record: the producer reports it
+    text = obj.get(source.field) if isinstance(obj, dict) else None
+    texts = _cut_at_whitespace(text.encode(), size) if isinstance(text, str) else None
+    if texts is None:
+        return None
+    # Cut at ASCII whitespace, so every piece is whole UTF-8; the record's other fields go with each piece.
+    return [json.dumps({**obj, source.field: t.decode()}, ensure_ascii=False).encode() + b"\n" for t in texts]
+
+
+def _cut_at_whitespace(text: bytes, size: int) -> list[bytes] | None:
+    """``text`` in pieces of at most about ``size`` bytes, each ending before a whitespace byte
+    (the last whitespace before ``size``, else the first after it). None if it cannot be cut."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = max(text.rfind(b" ", start + 1, start + size), text.rfind(b"\n", start + 1, start + size),
+                  text.rfind(b"\t", start + 1, start + size))
+        if cut <= start:
+            found = _WHITESPACE.search(text, start + size)
+            if found is None:
+                break
+            cut = found.start()
+        if text[start:cut].strip():
+            pieces.append(text[start:cut])
+            start = cut
+        else:
+            start = cut + 1
+    if text[start:].strip():
+        pieces.append(text[start:])
+    return pieces if len(pieces) > 1 else None
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,17 @@ from ._layout import ConsumerWord, Ring, SlotWord, State, Word, read_position
 from ._names import list_ring_names, pid_alive
 
 
-def ring_status(name: str) -> dict[str, Any]:
-    """A JSON-able snapshot of a ring: state, position, fill, rates and every producer's counters."""
+def ring_status(name: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON-able snapshot of a ring: state, position, fill, rates, every producer's counters, and
+    where each stage's time goes (``stages``: since the ring started, or since ``previous``, an
+    earlier snapshot of the same ring)."""
     ring = Ring.attach(name)
     try:
-        return _snapshot(ring)
+        snapshot = _snapshot(ring)
     finally:
         ring.close()
+    snapshot["stages"] = stage_shares(snapshot, previous)
+    return snapshot
 
 
 def _snapshot(ring: Ring) -> dict[str, Any]:
@@ -37,6 +41,11 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
             **{key: get(ring.lane_word(p, word)) for key, word in STAT_WORDS.items()},
             "restarts": get(ring.lane_word(p, LaneWord.RESTARTS)),
             "current_chunk": get(ring.lane_word(p, LaneWord.CURRENT_CHUNK)),
+            "chunk_bytes": get(ring.lane_word(p, LaneWord.CHUNK_BYTES)),
+            "stage": _STAGE_NAMES.get(get(ring.lane_word(p, LaneWord.STAGE)), "starting"),
+            "ready_ahead": get(ring.lane_word(p, LaneWord.AHEAD)),
+            "chunk_age_s": _age_s(get(ring.lane_word(p, LaneWord.CHUNK_STARTED_NS))),
+            **_stage_seconds(ring, p),
             "slots_filled": sum(filled_of(ring.rank_lanes(r)[p]) for r in range(g.ranks)),
         })
     consumers = []
@@ -44,7 +53,9 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
         block = ring.consumer_block(rank)
         position = read_position(ring.words, block)
         consumers.append({"rank": rank, "pid": get(block + ConsumerWord.PID) or None, "chunk": position.next_chunk,
-                          "index": position.next_index, "delivered": position.delivered})
+                          "index": position.next_index, "delivered": position.delivered,
+                          "connected_s": _age_s(get(block + ConsumerWord.CONNECTED_NS)),
+                          "wait_s": get(block + ConsumerWord.WAIT_NS) / 1e9})
     filled = sum(filled_of(lane) for lane in range(g.lanes))
     daemon_pid = get(Word.DAEMON_PID)
     end = get(Word.END_CHUNK)
@@ -60,6 +71,7 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
         "end_chunk": end if end >= 0 else None,
         "source_errors": get(Word.SOURCE_ERRORS),
         "source_bytes": {"fetched": get(Word.BYTES_FETCHED), "listed": get(Word.BYTES_LISTED)},
+        "reader": {"read_s": get(Word.READER_READ_NS) / 1e9, "wait_s": get(Word.READER_WAIT_NS) / 1e9},
         "sharding": {"ranks": g.ranks, "nnodes": recipe.get("nnodes", 1), "node_rank": recipe.get("node_rank", 0)},
         "geometry": {
             "lanes": g.lanes, "producers": g.producers, "slots_per_lane": g.slots, "batch_size": g.batch_size,
@@ -71,6 +83,74 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
                   "tokens_per_s": round(ring.get_float(Word.TOKENS_PER_S), 1)},
         "producers": producers,
     }
+
+
+_STAGE_WORDS = {"work_s": LaneWord.WORK_NS, "wait_chunk_s": LaneWord.WAIT_CHUNK_NS, "wait_slot_s": LaneWord.WAIT_SLOT_NS}
+_STAGE_NAMES = {LaneWord.WORK_NS: "work", LaneWord.WAIT_CHUNK_NS: "wait_chunk", LaneWord.WAIT_SLOT_NS: "wait_slot"}
+BUSY_SHARE = 0.2  # a stage that waits more than this share of its time is held up by another
+
+
+def _stage_seconds(ring: Ring, lane: int) -> dict[str, float]:
+    """A producer's seconds of work, waiting for a chunk and waiting for a slot, the stage it is in now included."""
+    get = ring.get
+    spent = {key: get(ring.lane_word(lane, word)) for key, word in _STAGE_WORDS.items()}
+    current, since = get(ring.lane_word(lane, LaneWord.STAGE)), get(ring.lane_word(lane, LaneWord.STAGE_SINCE_NS))
+    for key, word in _STAGE_WORDS.items():
+        if word == current and since and pid_alive(get(ring.lane_word(lane, LaneWord.PID))):
+            spent[key] += max(0, time.monotonic_ns() - since)
+    return {key: ns / 1e9 for key, ns in spent.items()}
+
+
+def _age_s(wall_ns: int) -> float | None:
+    return round(time.time() - wall_ns / 1e9, 3) if wall_ns else None
+
+
+def stage_shares(now: dict[str, Any], before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where the producers', the reader's and each consumer's time went, as shares, and which stage
+    holds the others up (``bottleneck``: a sentence naming the setting to change)."""
+    def spent(snapshot: dict[str, Any] | None, key: str) -> float:
+        return sum(p[key] for p in snapshot["producers"]) if snapshot else 0.0
+
+    producer = {key[:-2]: spent(now, key) - spent(before, key) for key in _STAGE_WORDS}
+    total = sum(producer.values())
+    reader = {key[:-2]: now["reader"][key] - (before["reader"][key] if before else 0.0) for key in ("read_s", "wait_s")}
+    reader_total = sum(reader.values())
+    consumers = []
+    for c in now["consumers"]:
+        old = before["consumers"][c["rank"]] if before else None
+        if c["pid"] is None or c["connected_s"] is None:
+            consumers.append(None)
+            continue
+        same = old is not None and old["pid"] == c["pid"] and old["connected_s"] is not None
+        span = c["connected_s"] - (old["connected_s"] if same else 0.0)
+        waited = c["wait_s"] - (old["wait_s"] if same else 0.0)
+        consumers.append(round(min(1.0, waited / span), 3) if span > 0 else None)
+    shares = {key: round(value / total, 3) if total else None for key, value in producer.items()}
+    return {
+        "producers": shares,
+        "reader": {key: round(value / reader_total, 3) if reader_total else None for key, value in reader.items()},
+        "consumers_wait": consumers,
+        "bottleneck": _bottleneck(shares, [c for c in consumers if c is not None]),
+    }
+
+
+def _bottleneck(producers: dict[str, float | None], consumers_wait: list[float]) -> str | None:
+    """The stage that holds the others up, in words a user can act on."""
+    if producers["work"] is None:
+        return None
+    if consumers_wait and max(consumers_wait) < BUSY_SHARE:
+        return "the training loop: batches are ready before it asks for them (nothing to tune in ringload)"
+    if producers["wait_chunk"] > BUSY_SHARE:
+        return ("reading the sources: producers wait for chunks (faster or closer storage, or larger chunk_bytes "
+                "for many small remote reads)")
+    if producers["wait_slot"] > BUSY_SHARE and consumers_wait:
+        return ("ordered delivery: producers wait for free slots while the consumer waits for the batch due next "
+                "(one chunk costs far more than the others, or slots is too small: remove slots from the recipe "
+                "or raise it)")
+    if producers["wait_slot"] > BUSY_SHARE:
+        return ("the consumer: " + ("producers wait for free slots" if consumers_wait else
+                                    "none is connected, so producers wait for free slots"))
+    return "tokenization: producers are busy all the time (add producers if cores are free)"
 
 
 def list_rings() -> list[dict[str, Any]]:

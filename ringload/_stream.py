@@ -85,8 +85,11 @@ class ResumePoint:
 
 def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | None = None,
                 on_error: Callable[[SourceError], None] | None = None,
-                meter: SourceMeter | None = None) -> Iterator[Chunk]:
-    """Yield the stream's chunks, numbered from 0 (or from ``start.chunk``, which is yielded again)."""
+                meter: SourceMeter | None = None, split_long_records: bool = False) -> Iterator[Chunk]:
+    """Yield the stream's chunks, numbered from 0 (or from ``start.chunk``, which is yielded again).
+
+    ``split_long_records``: the task packs documents, so records longer than a chunk are read as
+    pieces (``_sources``)."""
     meter = meter or SourceMeter()
     resuming = start is not None and start.chunk >= 0
     chunk_ids = itertools.count(start.chunk if resuming else 0)
@@ -97,7 +100,7 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
         for j, source in enumerate(recipe.sources):
             seen, lap, file_index, offset, line, part = point.sources[j] if point else _UNSEEN
             where = (file_index, offset, line, part) if seen else None
-            chunks = _lap(recipe, source, j, files[j], epoch, lap, where, on_error, meter)
+            chunks = _lap(recipe, source, j, files[j], epoch, lap, where, on_error, meter, split_long_records)
             if seen and j != point.source:
                 next(chunks, None)  # that source's last chunk was delivered already
             laps.append([lap, chunks])
@@ -113,7 +116,8 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
                 if recipe.stopping_strategy == "first_exhausted" or all(exhausted):
                     break
                 laps[j][0] += 1
-                laps[j][1] = _lap(recipe, recipe.sources[j], j, files[j], epoch, laps[j][0], None, on_error, meter)
+                laps[j][1] = _lap(recipe, recipe.sources[j], j, files[j], epoch, laps[j][0], None, on_error, meter,
+                                  split_long_records)
                 chunk = next(laps[j][1], None)
                 if chunk is None:
                     break  # a source with no records at all
@@ -145,15 +149,18 @@ def file_order(count: int, seed: int | None, *key: int) -> list[int]:
 
 def _lap(recipe: Recipe, source: Source, index: int, files: list[str], epoch: int, lap: int,
          where: tuple[int, int, int, int] | None, on_error: Callable[[SourceError], None] | None,
-         meter: SourceMeter) -> Iterator[Chunk]:
+         meter: SourceMeter, split_long_records: bool) -> Iterator[Chunk]:
     """One pass over a source's files (this node's share of its chunks under ``node_sharding: chunks``),
-    from ``where`` = (file index, offset, line, part) if given."""
+    from ``where`` = (file index, offset, line, part) if given. ``part`` counts the chunks already
+    cut from what starts there: a shuffle window's parts, or else a long record's pieces."""
     buffer = recipe.shuffle_buffer
     order = file_order(len(files), recipe.seed if buffer else None, epoch, index, lap)
     stamp = Chunk(-1, epoch, 0, 0, 1, b"", 0, index, lap)
     begin = order.index(where[0]) if where else 0
-    blocks = read_blocks(source, files, order[begin:], recipe.chunk_size, stamp, where[1:3] if where else None,
-                         on_error, meter)
+    # A shuffle window starts at a record's start (see _shuffled), so its `part` is the window's.
+    resume = (where[1], where[2], 0 if buffer else where[3]) if where else None
+    blocks = read_blocks(source, files, order[begin:], recipe.chunk_size, stamp, resume, on_error, meter,
+                         split_long_records)
     if buffer:
         blocks = _shuffled(blocks, source, buffer, recipe.chunk_size, recipe.seed, where[3] if where else 0)
     if recipe.node_sharding == "chunks" and recipe.nnodes > 1:
@@ -184,7 +191,8 @@ def _shuffled(blocks: Iterable[Chunk], source: Source, buffer: int, chunk_bytes:
                 size += len(record) + len(separator)
             if pending and (size >= chunk_bytes or record is None):
                 if part >= first_part:
-                    yield dataclasses.replace(o, payload=header + separator.join(pending) + separator, part=part)
+                    yield dataclasses.replace(o, payload=header + separator.join(pending) + separator, part=part,
+                                              continues=False)
                 part, pending, size = part + 1, [], 0
         first_part = 0
         window.clear()
@@ -199,7 +207,7 @@ def _shuffled(blocks: Iterable[Chunk], source: Source, buffer: int, chunk_bytes:
             cut = body.index(b"\n") + 1
             header, body = body[:cut], body[cut:]
         window.extend(_split_records(body, source))
-        if len(window) >= buffer:
+        if len(window) >= buffer and not block.continues:  # a window never ends inside a long record
             yield from flush()
     if window:
         yield from flush()

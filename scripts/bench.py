@@ -1,9 +1,19 @@
 """Side-by-side throughput benchmark: ringload against the tokenizer bound and two baselines.
 
-Every contender runs the same job: the KJV verses (``kjv`` asset) repeated to
-``--mb`` MB of jsonl, the ``bert-wordpiece`` tokenizer (truncation and padding
-off), masked-LM batches of 32 x 128 (15% masking, 80/10/10) and ``P`` worker or
-producer processes:
+Every contender runs the same job: ``--mb`` MB of jsonl made from the KJV verses
+(``kjv`` asset), the ``bert-wordpiece`` tokenizer (truncation and padding off),
+masked-LM batches of 32 x 128 (15% masking, 80/10/10) and ``P`` worker or
+producer processes. ``--corpus`` picks the documents' sizes:
+
+* ``kjv``: one verse per document (all short and alike);
+* ``skewed``: documents of consecutive verses with log-normal sizes (median about
+  one verse, a long tail to ~100 KB) and a few documents of several MB, as real
+  corpora have (Wikipedia, code, logs);
+* ``giant-first``: ``skewed`` with a 4 MB document as the very first record.
+
+``--slots`` runs ringload again with that many slots per producer (a small value,
+as a user may set). Each corpus gets its own tokenizer bound, so every ringload
+row is a ratio to the bound on the same text, measured in the same run:
 
 (a) ``tokenizer``: the bound. ``Tokenizer.encode_batch_fast`` (what ringload's
     producers call) over 1000-line chunks of pre-loaded texts in P spawned processes,
@@ -44,8 +54,10 @@ on 2 cores with the defaults)::
 
     python scripts/bench.py                          # P=2, 100 MB, 20 s per contender
     python scripts/bench.py --producers 1,2,4 --skip hf --json bench.json
+    python scripts/bench.py --corpus kjv,skewed,giant-first --slots 8 --skip hf,handmade
 
-With several P values, (a) and (b) run at each; (c) and (d) at the first only.
+With several P values, (a) and (b) run at each; (c) and (d) at the first only, on
+the first corpus.
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue
+import random
 import resource
 import signal
 import statistics
@@ -89,6 +102,9 @@ SEQ_LEN = 128
 MASK_PROB = 0.15
 SEED = 0
 ENCODERS = {"batch": "encode_batch", "fast": "encode_batch_fast"}
+CORPORA = ("kjv", "skewed", "giant-first")
+GIANT_BYTES = (4_000_000, 2_500_000, 6_000_000)  # the skewed corpus's multi-MB documents
+LOGNORMAL_SIGMA = 1.6  # of a skewed document's size in verses (median one verse)
 ENCODE_CHUNK = 1000  # lines per encode_batch call: amortises the Python-Rust crossing
 WARMUP_S = 1.0
 CORPUS_SHARE = 0.8  # of the corpus timed; the rest keeps data flowing for the next() bursts
@@ -101,6 +117,7 @@ Json = dict[str, Any]
 
 @dataclass(frozen=True)
 class Corpus:
+    kind: str
     path: Path
     shards: tuple[Path, ...]  # the same lines, round-robin over P files, for (d)
     docs: int
@@ -116,6 +133,7 @@ class Job:
     tokenizer: Path
     encode: str  # Tokenizer method for (a) and (c): encode_batch or encode_batch_fast
     seconds: float
+    slots: int | None = None  # ringload's slots per producer (None: its default)
 
 
 @dataclass
@@ -123,6 +141,8 @@ class Result:
     contender: str
     producers: int
     status: str  # ok | unavailable | error
+    corpus: str = "kjv"
+    slots: int | None = None
     error: str | None = None
     tokens: int | None = None
     seconds: float | None = None
@@ -223,31 +243,55 @@ def load_tokenizer(path: Path) -> Tokenizer:
     return tokenizer
 
 
-def build_corpus(directory: Path, megabytes: float, tokenizer: Tokenizer,
-                 shard_count: int) -> Corpus:
-    """KJV verses repeated to ``megabytes`` MB of ``{"text": ...}`` lines, plus shards."""
+def _documents(kind: str, verses: list[str], verse_tokens: list[int], megabytes: float) -> Iterator[tuple[str, int]]:
+    """(text, tokens) of the corpus's documents: one verse each, or runs of consecutive verses of
+    skewed sizes (WordPiece splits at whitespace, so a run's tokens are its verses' tokens)."""
+    target, size, at = int(megabytes * 1e6), 0, 0
+    rng = random.Random(SEED)
+    giants = {0: GIANT_BYTES[0]} if kind == "giant-first" else {}
+    if kind != "kjv":  # spread the multi-MB documents over the corpus
+        giants.update({int(target * share): n for share, n in zip((0.1, 0.45, 0.8), GIANT_BYTES)})
+    pending = sorted(giants)
+    while size < target:
+        if pending and size >= pending[0]:
+            want = giants[pending.pop(0)]
+        elif kind == "kjv":
+            want = 1
+        else:
+            want = min(100_000, int(rng.lognormvariate(0, LOGNORMAL_SIGMA) * 150))
+        parts, length, tokens = [], 0, 0
+        while length < want or not parts:
+            parts.append(verses[at % len(verses)])
+            length += len(parts[-1]) + 1
+            tokens += verse_tokens[at % len(verses)]
+            at += 1
+        size += length
+        yield " ".join(parts), tokens
+
+
+def build_corpus(directory: Path, megabytes: float, tokenizer: Tokenizer, shard_count: int,
+                 kind: str = "kjv") -> Corpus:
+    """``megabytes`` MB of ``{"text": ...}`` lines made of KJV verses (see ``--corpus``), plus shards."""
     kjv = fetch("kjv") / "kjv.jsonl"
     with kjv.open(encoding="utf-8") as f:
         verses = [json.loads(line)["text"] for line in f]
-    lengths = [len(e) for e in tokenizer.encode_batch(verses, add_special_tokens=False)]
-    lines = [json.dumps({"text": v}, ensure_ascii=False) + "\n" for v in verses]
+    verse_tokens = [len(e) for e in tokenizer.encode_batch(verses, add_special_tokens=False)]
 
-    path = directory / "corpus.jsonl"
-    shards = tuple(directory / f"shard-{k}-of-{shard_count}.jsonl" for k in range(shard_count))
-    target = int(megabytes * 1e6)
+    path = directory / f"corpus-{kind}.jsonl"
+    shards = tuple(directory / f"shard-{kind}-{k}-of-{shard_count}.jsonl" for k in range(shard_count))
     docs = size = tokens = 0
     with ExitStack() as stack:
         out = stack.enter_context(path.open("w", encoding="utf-8"))
         shard_files = [stack.enter_context(p.open("w", encoding="utf-8")) for p in shards]
-        while size < target:
-            line, length = lines[docs % len(lines)], lengths[docs % len(lines)]
+        for text, length in _documents(kind, verses, verse_tokens, megabytes):
+            line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
             out.write(line)
             if shard_files:
                 shard_files[docs % len(shard_files)].write(line)
             size += len(line.encode())
             tokens += length
             docs += 1
-    return Corpus(path, shards, docs, size, tokens)
+    return Corpus(kind, path, shards, docs, size, tokens)
 
 
 # --- (a) tokenizer bound --------------------------------------------------
@@ -325,6 +369,8 @@ def _ringload_opener(job: Job) -> Opener:
               "tokenizer": str(job.tokenizer),
               "task": {"type": "mlm", "seq_len": SEQ_LEN, "mask_prob": MASK_PROB},
               "batch_size": BATCH_SIZE, "producers": job.producers, "seed": SEED, "epochs": 1}
+    if job.slots is not None:
+        recipe["slots"] = job.slots
     name = f"bench-{os.getpid()}"
 
     @contextmanager
@@ -407,7 +453,7 @@ def _ready_next_costs(stream: Iterator[Batch], producers: int) -> list[int]:
 
 
 def measure(open_stream: Opener, job: Job) -> Result:
-    result = Result(job.contender, job.producers, "ok")
+    result = Result(job.contender, job.producers, "ok", corpus=job.corpus.kind, slots=job.slots)
     started = time.perf_counter()
     with open_stream() as stream:
         first = next(stream)
@@ -433,12 +479,13 @@ def _run_job(job: Job, start_method: str, conn: Connection) -> None:
     try:
         open_stream = _opener(job)
     except ImportError as exc:
-        conn.send(asdict(Result(job.contender, job.producers, "unavailable", error=str(exc))))
+        conn.send(asdict(Result(job.contender, job.producers, "unavailable", corpus=job.corpus.kind, slots=job.slots,
+                                error=str(exc))))
         return
     try:
         result = measure(open_stream, job)
     except Exception as exc:  # report any failure and let the other contenders run
-        result = Result(job.contender, job.producers, "error",
+        result = Result(job.contender, job.producers, "error", corpus=job.corpus.kind, slots=job.slots,
                         error=f"{type(exc).__name__}: {exc}")
     # A dict, not a Result: the class lives in __mp_main__ here but __main__ in the parent.
     conn.send(asdict(result))
@@ -474,7 +521,8 @@ def _num(value: float | None, spec: str) -> str:
 
 
 def print_row(r: Result) -> None:
-    label = f"{CONTENDERS[r.contender]:<27}{r.producers:>3}"
+    setting = f"{r.corpus}" + (f", slots {r.slots}" if r.slots else "")
+    label = f"{CONTENDERS[r.contender]:<27}{setting:<22}{r.producers:>3}"
     if r.status != "ok" and r.first_batch_s is None:
         print(f"{label}  {r.status}: {r.error}", flush=True)
         return
@@ -487,14 +535,14 @@ def print_row(r: Result) -> None:
           f"{'  ' + r.error if r.error else ''}", flush=True)
 
 
-HEADER = (f"{'contender':<27}{'P':>3}{'tokens/s':>13}{'/bound':>8}{'e2e tok/s':>13}{'1st s':>8}"
+HEADER = (f"{'contender':<27}{'corpus':<22}{'P':>3}{'tokens/s':>13}{'/bound':>8}{'e2e tok/s':>13}{'1st s':>8}"
           f"{'next us':>10}{'p50 us':>9}{'cons MB':>10}{'procs x MB':>14}{'other':>7}")
 
 
 def ringload_ratios(results: list[Result], producers: int) -> dict[str, float | None]:
     """ringload's tokens/s divided by each other contender's, at ``producers``."""
     rates = {r.contender: rate for r in results
-             if r.producers == producers and (rate := r.tokens_per_s)}
+             if r.producers == producers and r.corpus == results[0].corpus and not r.slots and (rate := r.tokens_per_s)}
     mine = rates.get("ringload")
     return {name: mine / rates[name] if mine and rates.get(name) else None
             for name in CONTENDERS if name != "ringload"}
@@ -533,10 +581,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--encode", choices=ENCODERS, default="fast",
                         help="tokenizer call of (a) and (c): fast = encode_batch_fast (default; what ringload's "
                              "producers call), batch = encode_batch")
+    parser.add_argument("--corpus", action="append", metavar="KIND[,KIND...]",
+                        help=f"document sizes: {', '.join(CORPORA)} (default kjv); each gets its own bound")
+    parser.add_argument("--slots", action="append", default=[], metavar="N[,N...]",
+                        help="also run ringload with N slots per producer (default: ringload's own)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write all numbers here")
     args = parser.parse_args(argv)
     args.producers = list(dict.fromkeys(_int_list(args.producers or ["2"])))
     args.skip = {s for item in args.skip for s in item.split(",") if s}
+    args.corpus = list(dict.fromkeys(c for item in args.corpus or ["kjv"] for c in item.split(",") if c))
+    if unknown := set(args.corpus) - set(CORPORA):
+        parser.error(f"unknown corpus kind(s) {', '.join(sorted(unknown))}; pick from {', '.join(CORPORA)}")
+    args.slots = [None, *_int_list(args.slots)]
     if unknown := args.skip - set(CONTENDERS):
         parser.error(f"unknown contender(s) {', '.join(sorted(unknown))}")
     if min(args.producers) < 1:
@@ -544,10 +600,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def plan(producers: list[int], skip: set[str]) -> list[tuple[str, int]]:
-    runs = [(c, p) for p in producers for c in ("tokenizer", "ringload")]
-    runs += [(c, producers[0]) for c in ("handmade", "hf")]
-    return [(c, p) for c, p in runs if c not in skip]
+def plan(producers: list[int], skip: set[str], corpora: list[str],
+         slots: list[int | None]) -> list[tuple[str, int, str, int | None]]:
+    """(contender, P, corpus, slots) in run order: per corpus, the bound then ringload at each P."""
+    runs = [(c, p, kind, None) for kind in corpora for p in producers for c in ("tokenizer", "ringload")]
+    runs += [("ringload", p, kind, n) for kind in corpora for p in producers for n in slots if n]
+    runs += [(c, producers[0], corpora[0], None) for c in ("handmade", "hf")]
+    return [run for run in runs if run[0] not in skip]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -563,26 +622,29 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     tokenizer_path = fetch("bert-wordpiece") / "tokenizer.json"
     results: list[Result] = []
+    corpora: dict[str, Corpus] = {}
     with tempfile.TemporaryDirectory(prefix="ringload-bench-") as tmp:
-        corpus = build_corpus(Path(tmp), args.mb, load_tokenizer(tokenizer_path),
-                              0 if "hf" in args.skip else headline)
-        print(f"corpus: {corpus.nbytes / 1e6:.1f} MB, {corpus.docs:,} KJV verses, "
-              f"{corpus.tokens:,} tokens; batch {BATCH_SIZE}x{SEQ_LEN}, MLM {MASK_PROB:.0%}; "
-              f"(a), (c) use {ENCODERS[args.encode]}; "
-              f"{os.cpu_count()} CPUs; TOKENIZERS_PARALLELISM="
-              f"{os.environ['TOKENIZERS_PARALLELISM']}\n")
+        tokenizer = load_tokenizer(tokenizer_path)
+        for kind in args.corpus:
+            shards = 0 if "hf" in args.skip or kind != args.corpus[0] else headline
+            corpus = corpora[kind] = build_corpus(Path(tmp), args.mb, tokenizer, shards, kind)
+            print(f"corpus {kind}: {corpus.nbytes / 1e6:.1f} MB, {corpus.docs:,} documents of KJV verses, "
+                  f"{corpus.tokens:,} tokens")
+        print(f"batch {BATCH_SIZE}x{SEQ_LEN}, MLM {MASK_PROB:.0%}; (a), (c) use {ENCODERS[args.encode]}; "
+              f"{os.cpu_count()} CPUs; TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}\n")
         print(HEADER, flush=True)
-        bounds: dict[int, float] = {}
-        for contender, producers in plan(args.producers, args.skip):
-            job = Job(contender, producers, corpus, tokenizer_path, ENCODERS[args.encode],
-                      args.seconds)
+        bounds: dict[tuple[str, int], float] = {}
+        for contender, producers, kind, slots in plan(args.producers, args.skip, args.corpus, args.slots):
+            job = Job(contender, producers, corpora[kind], tokenizer_path, ENCODERS[args.encode],
+                      args.seconds, slots)
             before = cpu_counters()
             result = tokenizer_bound(job) if contender == "tokenizer" else run_isolated(job)
+            result.corpus, result.slots = kind, slots
             result.foreign_cpu = foreign_share(before, cpu_counters())
             if contender == "tokenizer" and result.tokens_per_s:
-                bounds[producers] = result.tokens_per_s
-            if result.tokens_per_s and producers in bounds:
-                result.vs_bound = result.tokens_per_s / bounds[producers]
+                bounds[kind, producers] = result.tokens_per_s
+            if result.tokens_per_s and (kind, producers) in bounds:
+                result.vs_bound = result.tokens_per_s / bounds[kind, producers]
             results.append(result)
             print_row(result)
 
@@ -594,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         report = {
             "config": {"producers": args.producers, "mb": args.mb, "seconds": args.seconds,
+                       "corpora": args.corpus, "slots": [n for n in args.slots if n],
                        "encode": ENCODERS[args.encode],
                        "batch_size": BATCH_SIZE, "seq_len": SEQ_LEN, "mask_prob": MASK_PROB,
                        "warmup_s": WARMUP_S, "corpus_share_timed": CORPUS_SHARE,
@@ -604,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
                             "foreign_cpu_before": busy,
                             "TOKENIZERS_PARALLELISM": os.environ["TOKENIZERS_PARALLELISM"],
                             "packages": package_versions()},
-            "corpus": {"bytes": corpus.nbytes, "docs": corpus.docs, "tokens": corpus.tokens},
+            "corpora": {kind: {"bytes": c.nbytes, "docs": c.docs, "tokens": c.tokens} for kind, c in corpora.items()},
             "results": [asdict(r) for r in results],
             "ringload_ratio": {str(p): v for p, v in ratios.items()},
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -61,6 +62,7 @@ class TokenizerInfo:
             if added.special and token_id < self.vocab_size:
                 self.special[token_id] = True
         self.has_token_types = tok.post_processor is not None and any(tok.encode("a", "b").type_ids)
+        self.cuts_cleanly = _cuts_cleanly_at_spaces(tok)
 
     def token_id(self, role: str) -> int:
         """Id of the tokenizer's ``role`` token (cls, sep, eos, mask, pad); the recipe may name it."""
@@ -75,6 +77,24 @@ class TokenizerInfo:
             f"name it in the recipe: task: {{special_tokens: {{{role}: TOKEN}}}}"
         )
 
+    def head(self, text: str, tokens: int) -> str:
+        """``text``, or a prefix of it whose tokens start exactly like ``text``'s and outnumber
+        ``tokens``: truncating either to ``tokens`` keeps the same ids, and a multi-MB record costs
+        the tokenizer a few KB. The prefix ends before a space that follows a non-space, where a
+        tokenizer that ``cuts_cleanly`` starts a new piece whatever comes after."""
+        limit = HEAD_CHARS_PER_TOKEN * (tokens + 1)
+        while self.cuts_cleanly and len(text) > 2 * limit:
+            cut = text.find(" ", limit)
+            while cut > 0 and text[cut - 1].isspace():
+                cut = text.find(" ", cut + 1)
+            if cut < 0:
+                break
+            prefix = text[:cut]
+            if len(self.tokenizer.encode(prefix, add_special_tokens=False).ids) > tokens:
+                return prefix
+            limit *= 4  # words longer than usual: look further
+        return text
+
     def encode_ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
@@ -86,6 +106,37 @@ class TokenizerInfo:
             words = e.word_ids
             starts.append([True] + [a != b for a, b in zip(words[1:], words)] if words else [])
         return [e.ids for e in encodings], starts
+
+
+HEAD_CHARS_PER_TOKEN = 16  # a prefix of this many characters per wanted token nearly always holds them
+# Pre-tokenizers that end a piece at a space whatever follows it, and normalizers that map characters
+# one by one: with these, a prefix cut before a space tokenizes as the start of the whole text.
+_CLEAN_PRE_TOKENIZERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "Metaspace", "ByteLevel"}
+_CLEAN_NORMALIZERS = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents", "Prepend", "Strip"}
+
+
+def _cuts_cleanly_at_spaces(tok: Tokenizer) -> bool:
+    """True if cutting a text before a space never changes the tokens before the cut (checked on the
+    tokenizer's own configuration; anything unknown says no, and texts are then tokenized whole)."""
+    config = json.loads(tok.to_str())
+
+    def parts(component: dict | None) -> list[dict]:
+        if component is None:
+            return []
+        inner = component.get("pretokenizers") or component.get("normalizers")
+        return [p for c in inner for p in parts(c)] if inner is not None else [component]
+
+    pre = parts(config.get("pre_tokenizer"))
+    if not pre or not all(p["type"] in _CLEAN_PRE_TOKENIZERS for p in pre):
+        return False
+    if any(p["type"] == "ByteLevel" and not p.get("use_regex", True) for p in pre):
+        return False
+    for norm in parts(config.get("normalizer")):
+        one_char_replace = norm["type"] == "Replace" and len(norm.get("pattern", {}).get("String", "")) == 1
+        if norm["type"] not in _CLEAN_NORMALIZERS and not one_char_replace:
+            return False
+    # An added token written with a space inside could be cut in two.
+    return not any(any(c.isspace() for c in t["content"]) for t in config.get("added_tokens", []))
 
 
 def _load_bpe_folder(path: str) -> Tokenizer:
@@ -180,6 +231,12 @@ class Task(ABC):
     @classmethod
     def check_options(cls, options: dict[str, Any], origin: str) -> None:
         """Reject impossible option values with a RecipeError naming the option (types are checked already)."""
+
+    @classmethod
+    def packs_documents(cls, options: dict[str, Any]) -> bool:
+        """True if rows are documents packed back to back, so a document longer than a chunk may
+        be read in pieces, each its own document (``_sources``: long records)."""
+        return False
 
     @abstractmethod
     def fields(self) -> list[Field]:

@@ -82,8 +82,13 @@ class Classify(Task):
         full = len(records) - len(records) % self.batch_size  # the chunk's last partial batch is dropped
         step = max(1, TOKENIZE_PIECE // self.batch_size) * self.batch_size
         for begin in range(0, full, step):
-            texts = records.texts[begin:min(full, begin + step)]
-            inputs = list(zip(texts, records.pairs[begin:begin + len(texts)])) if records.pairs is not None else texts
+            # Only the first seq_len tokens are kept: long records are tokenized as far as that needs.
+            texts = [self.tok.head(t, self.seq_len) for t in records.texts[begin:min(full, begin + step)]]
+            if records.pairs is not None:
+                pairs = [self.tok.head(t, self.seq_len) for t in records.pairs[begin:begin + len(texts)]]
+                inputs: list[Any] = list(zip(texts, pairs))
+            else:
+                inputs = texts
             encodings = self.encoder.encode_batch_fast(inputs, add_special_tokens=True)
             for start in range(0, len(encodings), self.batch_size):
                 rows = encodings[start:start + self.batch_size]

@@ -20,6 +20,10 @@ class CausalLM(Task):
 
     options = {"seq_len": 1024, "document_mask": False, "special_tokens": {}}
 
+    @classmethod
+    def packs_documents(cls, options: dict[str, Any]) -> bool:
+        return True
+
     def __init__(self, options: dict[str, Any], tokenizer: TokenizerInfo, batch_size: int, seed: int):
         super().__init__(options, tokenizer, batch_size, seed)
         self.seq_len = options["seq_len"]

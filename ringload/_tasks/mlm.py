@@ -36,6 +36,10 @@ class MaskedLM(Task):
         if options["mask_token_prob"] + options["random_token_prob"] > 1.0:
             raise RecipeError(f"{origin}: task.mask_token_prob + task.random_token_prob must not exceed 1")
 
+    @classmethod
+    def packs_documents(cls, options: dict[str, Any]) -> bool:
+        return bool(options["pack"])
+
     def __init__(self, options: dict[str, Any], tokenizer: TokenizerInfo, batch_size: int, seed: int):
         super().__init__(options, tokenizer, batch_size, seed)
         self.seq_len = options["seq_len"]
