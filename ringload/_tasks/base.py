@@ -80,7 +80,8 @@ class TokenizerInfo:
 
     def encode_words(self, texts: list[str]) -> tuple[list[list[int]], list[list[bool]]]:
         """Token ids and, per token, whether it starts a word (for whole-word masking)."""
-        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        # Not encode_batch_fast: it skips the offsets that word ids come from (they would all be None).
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         starts = []
         for e in encodings:
             words = e.word_ids
