@@ -8,6 +8,7 @@ with :func:`connect`.
 
 from ._consumer import Loader, connect
 from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RecipeError, RingError, RingloadError
+from ._flatten import flatten_packed
 from ._handle import RingHandle, start
 from ._layout import Field
 from ._recipe import Recipe, load_recipe, parse_recipe
@@ -33,6 +34,7 @@ __all__ = [
     "Task",
     "TokenizerInfo",
     "connect",
+    "flatten_packed",
     "list_rings",
     "load_recipe",
     "parse_recipe",
