@@ -225,50 +225,59 @@ class Packer:
     def _pieces(self, texts: list[str]) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
         """(document index, tokens, word starts) of every piece to place: a document with its separator,
         or the row-size pieces of one longer than a row; counts the split documents."""
-        width, sep = self.width, np.array([self.separator], dtype=np.int32)
         items: list[tuple[int, np.ndarray, np.ndarray | None]] = []
         self.documents_cut = 0
         for begin in range(0, len(texts), TOKENIZE_PIECE):
             ids, flags = self._encode(texts[begin:begin + TOKENIZE_PIECE])
-            for offset, doc in enumerate(ids):
-                document = begin + offset
-                tokens = np.array(doc, dtype=np.int32)
-                starts = np.array(flags[offset], dtype=bool) if flags is not None else None
-                if len(tokens) + 1 <= width:
-                    items.append((document, np.concatenate([tokens, sep]),
-                                  None if starts is None else np.append(starts, True)))
-                    continue
-                self.documents_cut += 1
-                if not self.close_cuts:  # the document and its separator, cut every width tokens
-                    tokens = np.concatenate([tokens, sep])
-                    starts = None if starts is None else np.append(starts, True)
-                step = width - 1 if self.close_cuts else width
-                for at in range(0, len(tokens), step):
-                    piece = tokens[at:at + step]
-                    piece_starts = None if starts is None else starts[at:at + step]
-                    if self.close_cuts:
-                        piece = np.concatenate([piece, sep])
-                        piece_starts = None if piece_starts is None else np.append(piece_starts, True)
-                    items.append((document, piece, piece_starts))
+            tokens, ends = flatten(ids, self.separator)
+            words = None
+            if flags is not None:  # aligned with tokens: each document's flags, then True for its separator
+                words = np.fromiter(itertools.chain.from_iterable([*f, True] for f in flags), dtype=bool)
+            first = 0
+            for document, end in enumerate(ends.tolist(), start=begin):
+                whole = tokens[first:end], None if words is None else words[first:end]
+                if end - first <= self.width:
+                    items.append((document, *whole))
+                else:
+                    self.documents_cut += 1
+                    items += [(document, *piece) for piece in self._split(*whole)]
+                first = end
         return items
+
+    def _split(self, tokens: np.ndarray, words: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Row-size pieces of a document (with its separator) longer than a row."""
+        if not self.close_cuts:
+            return [(tokens[at:at + self.width], None if words is None else words[at:at + self.width])
+                    for at in range(0, len(tokens), self.width)]
+        step, body = self.width - 1, len(tokens) - 1  # each piece: step tokens of the document, then the separator
+        return [(np.append(tokens[at:min(at + step, body)], self.separator),
+                 None if words is None else np.append(words[at:min(at + step, body)], True))
+                for at in range(0, body, step)]
 
     def _fill(self, items: list[tuple[int, np.ndarray, np.ndarray | None]], rows: list[list[int]],
               records_done: int) -> PackedRows:
-        shape = (len(rows), self.width)
-        tokens, doc_starts = np.zeros(shape, dtype=np.int32), np.zeros(shape, dtype=bool)
-        word_starts = np.ones(shape, dtype=bool) if self.word_starts else None
+        width = self.width
+        pieces: list[np.ndarray] = []
+        words: list[np.ndarray] = []
+        starts: list[int] = []  # flat offsets of the pieces
         used = np.zeros(len(rows), dtype=np.int64)
         for r, row in enumerate(rows):
-            at = 0
+            at = r * width
             for i in row:
-                _, piece, piece_starts = items[i]
-                tokens[r, at:at + len(piece)] = piece
-                doc_starts[r, at] = True
-                if word_starts is not None:
-                    word_starts[r, at:at + len(piece)] = piece_starts
+                _, piece, piece_words = items[i]
+                pieces.append(piece)
+                words.append(piece_words)
+                starts.append(at)
                 at += len(piece)
-            used[r] = at
-        return PackedRows(tokens, used, doc_starts, word_starts, records_done)
+            used[r] = at - r * width
+            if used[r] < width:
+                pieces.append(np.zeros(width - used[r], dtype=np.int32))
+                words.append(np.ones(width - used[r], dtype=bool))
+        shape = (len(rows), width)
+        doc_starts = np.zeros(shape, dtype=bool)
+        doc_starts.flat[starts] = True
+        word_starts = np.concatenate(words).reshape(shape) if self.word_starts else None
+        return PackedRows(np.concatenate(pieces).reshape(shape), used, doc_starts, word_starts, records_done)
 
 
 def best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
@@ -276,18 +285,19 @@ def best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
     fits it most tightly (the first such bin), else a new one. Returns item indexes per bin, in the
     order the bins were opened; a pure function of ``sizes``."""
     bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free space, bin) of bins with room left, sorted
+    free: list[int] = []  # free space << 32 | bin, of the bins with room left, sorted (plain ints compare fast)
     for item in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
         size = sizes[item]
-        k = bisect.bisect_left(free, (size, -1))
+        k = bisect.bisect_left(free, size << 32)
         if k < len(free):
-            room, target = free.pop(k)
+            key = free.pop(k)
+            room, target = key >> 32, key & 0xFFFFFFFF
         else:
             room, target = capacity, len(bins)
             bins.append([])
         bins[target].append(item)
         if room > size:
-            bisect.insort(free, (room - size, target))
+            bisect.insort(free, (room - size) << 32 | target)
     return bins
 
 
