@@ -27,6 +27,7 @@ _HOMES = {
     "RingHandle": "_handle",
     "start": "_handle",
     "Field": "_layout",
+    "flatten_packed": "_flatten",
     "Recipe": "_recipe",
     "load_recipe": "_recipe",
     "parse_recipe": "_recipe",
@@ -60,6 +61,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from ._consumer import Loader, connect
     from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RecipeError, RingError, RingloadError
+    from ._flatten import flatten_packed
     from ._handle import RingHandle, start
     from ._layout import Field
     from ._recipe import Recipe, load_recipe, parse_recipe

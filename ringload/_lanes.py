@@ -27,7 +27,7 @@ same line)::
     line 1  consumer:  taken | released
     line 2  producer:  batches | examples | tokens | bad_records | tokens_dropped | chunks | current_chunk
                        | labels_unknown
-    line 3  daemon:    pid | restarts | exitcode;  producer: examples_dropped
+    line 3  daemon:    pid | restarts | exitcode;  producer: examples_dropped | documents_cut
     line 4  producer:  work_ns | wait_chunk_ns | wait_slot_ns (where its time went, cumulative)
                        | chunk_started_ns (wall clock) | chunk_bytes (of the current chunk)
                        | stage (which of the first three words the time since stage_since_ns
@@ -92,6 +92,7 @@ class LaneWord:
     RESTARTS = 25
     EXITCODE = 26
     EXAMPLES_DROPPED = 27
+    DOCUMENTS_CUT = 28
     WORK_NS = 32
     WAIT_CHUNK_NS = 33
     WAIT_SLOT_NS = 34
@@ -110,6 +111,7 @@ STAT_WORDS = {
     "tokens_dropped": LaneWord.TOKENS_DROPPED,
     "examples_dropped": LaneWord.EXAMPLES_DROPPED,
     "labels_unknown": LaneWord.LABELS_UNKNOWN,
+    "documents_cut": LaneWord.DOCUMENTS_CUT,
     "chunks": LaneWord.CHUNKS,
 }
 

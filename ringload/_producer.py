@@ -159,6 +159,7 @@ class Producer:
             self._add(LaneWord.TOKENS_DROPPED, self.task.tokens_dropped + tokens_cut)
             self._add(LaneWord.EXAMPLES_DROPPED, self.task.examples_dropped + ahead.records_batched - records_kept)
             self._add(LaneWord.LABELS_UNKNOWN, self.task.labels_unknown - unknown_before)
+            self._add(LaneWord.DOCUMENTS_CUT, self.task.documents_cut)
             self._add(LaneWord.EXAMPLES, len(records))
             self._add(LaneWord.CHUNKS, 1)
 

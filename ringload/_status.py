@@ -81,6 +81,7 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
         "fill": {"slots_filled": filled, "slots_total": g.lanes * g.slots, "fraction": round(filled / (g.lanes * g.slots), 4)},
         "rates": {"batches_per_s": round(ring.get_float(Word.BATCHES_PER_S), 2),
                   "tokens_per_s": round(ring.get_float(Word.TOKENS_PER_S), 1)},
+        "packing": _packing(producers, g),
         "producers": producers,
     }
 
@@ -151,6 +152,18 @@ def _bottleneck(producers: dict[str, float | None], consumers_wait: list[float])
         return ("the consumer: " + ("producers wait for free slots" if consumers_wait else
                                     "none is connected, so producers wait for free slots"))
     return "tokenization: producers are busy all the time (add producers if cores are free)"
+
+
+def _packing(producers: list[dict[str, Any]], g: Any) -> dict[str, float | None]:
+    """Shares over every producer: padding among the row tokens of the batches published, and
+    documents cut across rows (split or truncated) among the examples read; None before any."""
+    row_tokens = sum(p["batches"] for p in producers) * g.batch_size * (
+        g.fields[0].shape[1] if len(g.fields[0].shape) > 1 else 1)
+    examples = sum(p["examples"] for p in producers)
+    return {
+        "padding_ratio": round(1 - sum(p["tokens"] for p in producers) / row_tokens, 4) if row_tokens else None,
+        "truncation_ratio": round(sum(p["documents_cut"] for p in producers) / examples, 4) if examples else None,
+    }
 
 
 def list_rings() -> list[dict[str, Any]]:

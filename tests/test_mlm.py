@@ -151,3 +151,22 @@ def test_agrees_with_transformers_data_collator(tokenizer_path):
     n = int(ordinary.sum())
     assert abs(our_rate - their_rate) < 5 * math.sqrt(2 * 0.15 * 0.85 / n)
     assert abs(our_mask - their_mask) < 5 * math.sqrt(2 * 0.8 * 0.2 / (0.15 * n))
+
+
+def test_whole_word_masking_chooses_words_independently(tokenizer_path):
+    """whole_word_mask chooses about mask_prob of the words, each on its own draw (not whole documents)."""
+    task = make_task(tokenizer_path, batch_size=8, mask_prob=0.3, whole_word_mask=True)
+    chosen_words = next_also_chosen = words = 0
+    for batch in run(task, make_texts(400, seed=5)):
+        chosen = batch["labels"] != -100
+        original = np.where(chosen, batch["labels"], batch["input_ids"])
+        for row in range(len(original)):
+            tokens = [task.tok.tokenizer.id_to_token(int(t)) for t in original[row]]
+            starts = [pos for pos, t in enumerate(tokens) if not t.startswith(("##", "["))]
+            words += len(starts)
+            picks = [bool(chosen[row, pos]) for pos in starts]
+            chosen_words += sum(picks)
+            next_also_chosen += sum(a and b for a, b in zip(picks, picks[1:]))
+    assert words > 2000
+    assert abs(chosen_words / words - 0.3) < 0.05
+    assert next_also_chosen / chosen_words < 0.4  # independent draws: about 0.3; one draw per document: near 1

@@ -78,7 +78,8 @@ def test_paths_resolve_relative_to_the_recipe_file(tmp_path, monkeypatch):
     assert recipe.sources[0].paths == (str(tmp_path / "data.jsonl"), "https://host/x.jsonl")
     assert recipe.tokenizer == "/cache/assets/bert/tokenizer.json"
     assert recipe.task == {"type": "mlm", "seq_len": 128, "mask_prob": 0.15, "mask_token_prob": 0.8,
-                           "random_token_prob": 0.1, "pack": True, "whole_word_mask": False, "special_tokens": {}}
+                           "random_token_prob": 0.1, "pack": True, "whole_word_mask": False, "packing": "concat",
+                           "document_mask": False, "cu_seqlens": False, "special_tokens": {}}
 
 
 def test_recipe_is_data_not_code(tmp_path):

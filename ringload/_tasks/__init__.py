@@ -79,7 +79,8 @@ def check_task_options(task: dict[str, Any], origin: str) -> dict[str, Any]:
 
 
 def build_task(task: dict[str, Any], tokenizer_path: str, batch_size: int, seed: int) -> Task:
-    """Instantiate the recipe's task with its tokenizer."""
-    options = {k: v for k, v in task.items() if k != "type"}
+    """Instantiate the recipe's task with its tokenizer; options it leaves out take the task's defaults."""
+    cls = task_class(task["type"])
+    options = {**cls.options, **{k: v for k, v in task.items() if k != "type"}}
     tokenizer = TokenizerInfo(tokenizer_path, options.get("special_tokens"))
-    return task_class(task["type"])(options, tokenizer, batch_size, seed)
+    return cls(options, tokenizer, batch_size, seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import os
@@ -100,7 +101,8 @@ class TokenizerInfo:
 
     def encode_words(self, texts: list[str]) -> tuple[list[list[int]], list[list[bool]]]:
         """Token ids and, per token, whether it starts a word (for whole-word masking)."""
-        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        # Not encode_batch_fast: it skips the offsets that word ids come from (they would all be None).
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         starts = []
         for e in encodings:
             words = e.word_ids
@@ -165,47 +167,263 @@ def flatten(ids: list[list[int]], separator: int | None) -> tuple[np.ndarray, np
     return out, ends
 
 
-class Packer:
-    """Documents, each followed by ``separator``, as one token stream cut into full rows of ``width``.
+PACKING_MODES = ("concat", "best_fit")
 
-    Rows never span chunks, so a chunk's last partial batch is dropped; ``leftover`` says how many
-    tokens that was (under one batch of rows).
+
+@dataclass
+class PackedRows:
+    """One batch of packed rows before the task frames them (special tokens, padding, masks)."""
+
+    tokens: np.ndarray  # [B, width] int32; positions from ``used`` on are padding (value 0)
+    used: np.ndarray  # [B] int64: tokens before the padding (``width`` when concatenating)
+    doc_starts: np.ndarray  # [B, width] bool: first token of a document, or of a piece of one, in the row
+    word_starts: np.ndarray | None  # [B, width] bool, or None unless asked for
+    records_done: int  # records of the chunk whose every token is in this batch or an earlier one
+
+
+class Packer:
+    """Documents, each followed by ``separator``, placed into rows of ``width`` tokens.
+
+    ``best_fit=False`` (``packing: concat``): one token stream cut into full rows, so a document
+    crossing a row boundary is cut there. ``best_fit=True``: whole documents are placed into rows
+    by best-fit decreasing over the chunk's documents (largest first, each into the row whose free
+    space fits it most tightly, else a new row) and the rest of each row is padding; a document
+    longer than a row is first split into row-size pieces. ``close_cuts`` (mlm's rows end in
+    ``[SEP]``) ends every piece cut from a longer stream with ``separator``: a concatenated row is
+    ``width - 1`` stream tokens then ``separator``; a split document's pieces are ``width - 1``
+    tokens then ``separator``.
+
+    Rows never span chunks, so a chunk's rows that do not fill a last batch are dropped: the last
+    ones when concatenating, the least filled ones under best fit. After ``batches`` is exhausted
+    ``leftover`` says how many tokens that was, and ``documents_cut`` how many of the chunk's
+    documents were cut across rows (concat) or split because longer than a row (best fit).
     """
 
-    def __init__(self, tok: TokenizerInfo, separator: int, batch_size: int, width: int, word_starts: bool = False):
+    def __init__(self, tok: TokenizerInfo, separator: int, batch_size: int, width: int, word_starts: bool = False,
+                 best_fit: bool = False, close_cuts: bool = False):
         self.tok, self.separator, self.batch_size, self.width = tok, separator, batch_size, width
-        self.word_starts = word_starts
+        self.word_starts, self.best_fit, self.close_cuts = word_starts, best_fit, close_cuts
         self.leftover = 0
+        self.documents_cut = 0
 
-    def batches(self, texts: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray | None, int]]:
-        """Yield (rows [B, width] int32, word starts [B, width] or None, records done) per batch."""
-        per_batch = self.batch_size * self.width
+    def batches(self, texts: list[str]) -> Iterator[PackedRows]:
+        """The chunk's batches of ``batch_size`` rows, in order."""
+        return self._best_fit(texts) if self.best_fit else self._concatenated(texts)
+
+    def _encode(self, piece: list[str]) -> tuple[list[list[int]], list[list[bool]] | None]:
+        if self.word_starts:
+            return self.tok.encode_words(piece)
+        return self.tok.encode_ids(piece), None
+
+    def _concatenated(self, texts: list[str]) -> Iterator[PackedRows]:
+        step = self.width - 1 if self.close_cuts else self.width  # stream tokens per row
+        per_batch = self.batch_size * step
+        shape = (self.batch_size, step)
         stream = np.empty(0, dtype=np.int32)
         starts = np.empty(0, dtype=bool)
         ends = np.empty(0, dtype=np.int64)  # end offset of every document in the chunk's stream
         consumed = 0  # offset of stream[0] within the chunk's stream
         for begin in range(0, len(texts), TOKENIZE_PIECE):
-            piece = texts[begin:begin + TOKENIZE_PIECE]
-            if self.word_starts:
-                ids, flags = self.tok.encode_words(piece)
+            ids, flags = self._encode(texts[begin:begin + TOKENIZE_PIECE])
+            if flags is not None:
                 # Aligned with flatten's output: each document's flags, then True for its separator.
                 piece_starts = np.fromiter(itertools.chain.from_iterable([*f, True] for f in flags), dtype=bool)
                 starts = np.concatenate([starts, piece_starts])
-            else:
-                ids = self.tok.encode_ids(piece)
             tokens, piece_ends = flatten(ids, self.separator)
             ends = np.concatenate([ends, piece_ends + consumed + len(stream)])
             stream = np.concatenate([stream, tokens])
             while len(stream) >= per_batch:
-                shape = (self.batch_size, self.width)
                 rows = stream[:per_batch].reshape(shape)
                 row_starts = starts[:per_batch].reshape(shape) if self.word_starts else None
+                # A document starts where the previous one ended; every row starts a piece.
+                boundaries = np.zeros(per_batch, dtype=bool)
+                lo, hi = np.searchsorted(ends, [consumed, consumed + per_batch])
+                boundaries[ends[lo:hi] - consumed] = True
+                boundaries = boundaries.reshape(shape)
+                boundaries[:, 0] = True
+                if self.close_cuts:
+                    rows = np.hstack([rows, np.full((self.batch_size, 1), self.separator, dtype=np.int32)])
+                    boundaries = np.hstack([boundaries, np.zeros((self.batch_size, 1), dtype=bool)])
+                    if row_starts is not None:
+                        row_starts = np.hstack([row_starts, np.ones((self.batch_size, 1), dtype=bool)])
                 done = int(np.searchsorted(ends, consumed + per_batch, side="right"))
-                yield rows, row_starts, done
+                yield PackedRows(rows, np.full(self.batch_size, self.width), boundaries, row_starts, done)
                 stream, consumed = stream[per_batch:], consumed + per_batch
                 if self.word_starts:
                     starts = starts[per_batch:]
         self.leftover = len(stream)
+        first = np.concatenate([np.zeros(min(1, len(ends)), dtype=np.int64), ends[:-1]])
+        self.documents_cut = int(np.count_nonzero(first // step != (ends - 1) // step))
+
+    def _best_fit(self, texts: list[str]) -> Iterator[PackedRows]:
+        items = self._pieces(texts)
+        rows = best_fit_decreasing([len(tokens) for _, tokens, _ in items], self.width)
+        # Keep whole batches; the rows left over are the least filled (the later of equals).
+        filled = [sum(len(items[i][1]) for i in row) for row in rows]
+        surplus = len(rows) % self.batch_size
+        dropped = set(sorted(range(len(rows)), key=lambda r: (filled[r], -r))[:surplus])
+        self.leftover = sum(filled[r] for r in dropped)
+        kept = [row for r, row in enumerate(rows) if r not in dropped]
+        # records_done: a record is done with the batch holding its last piece (never, if a piece was dropped).
+        done_in = np.zeros(len(texts), dtype=np.int64)
+        for position, row in enumerate(kept):
+            done_in[[items[i][0] for i in row]] = position // self.batch_size
+        done_in[[items[i][0] for r in dropped for i in rows[r]]] = np.iinfo(np.int64).max
+        for index in range(len(kept) // self.batch_size):
+            batch_rows = kept[index * self.batch_size:(index + 1) * self.batch_size]
+            yield self._fill(items, batch_rows, int(np.count_nonzero(done_in <= index)))
+
+    def _pieces(self, texts: list[str]) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
+        """(document index, tokens, word starts) of every piece to place: a document with its separator,
+        or the row-size pieces of one longer than a row; counts the split documents."""
+        items: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+        self.documents_cut = 0
+        for begin in range(0, len(texts), TOKENIZE_PIECE):
+            ids, flags = self._encode(texts[begin:begin + TOKENIZE_PIECE])
+            tokens, ends = flatten(ids, self.separator)
+            words = None
+            if flags is not None:  # aligned with tokens: each document's flags, then True for its separator
+                words = np.fromiter(itertools.chain.from_iterable([*f, True] for f in flags), dtype=bool)
+            first = 0
+            for document, end in enumerate(ends.tolist(), start=begin):
+                whole = tokens[first:end], None if words is None else words[first:end]
+                if end - first <= self.width:
+                    items.append((document, *whole))
+                else:
+                    self.documents_cut += 1
+                    items += [(document, *piece) for piece in self._split(*whole)]
+                first = end
+        return items
+
+    def _split(self, tokens: np.ndarray, words: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Row-size pieces of a document (with its separator) longer than a row."""
+        if not self.close_cuts:
+            return [(tokens[at:at + self.width], None if words is None else words[at:at + self.width])
+                    for at in range(0, len(tokens), self.width)]
+        step, body = self.width - 1, len(tokens) - 1  # each piece: step tokens of the document, then the separator
+        return [(np.append(tokens[at:min(at + step, body)], self.separator),
+                 None if words is None else np.append(words[at:min(at + step, body)], True))
+                for at in range(0, body, step)]
+
+    def _fill(self, items: list[tuple[int, np.ndarray, np.ndarray | None]], rows: list[list[int]],
+              records_done: int) -> PackedRows:
+        width = self.width
+        pieces: list[np.ndarray] = []
+        words: list[np.ndarray] = []
+        starts: list[int] = []  # flat offsets of the pieces
+        used = np.zeros(len(rows), dtype=np.int64)
+        for r, row in enumerate(rows):
+            at = r * width
+            for i in row:
+                _, piece, piece_words = items[i]
+                pieces.append(piece)
+                words.append(piece_words)
+                starts.append(at)
+                at += len(piece)
+            used[r] = at - r * width
+            if used[r] < width:
+                pieces.append(np.zeros(width - used[r], dtype=np.int32))
+                words.append(np.ones(width - used[r], dtype=bool))
+        shape = (len(rows), width)
+        doc_starts = np.zeros(shape, dtype=bool)
+        doc_starts.flat[starts] = True
+        word_starts = np.concatenate(words).reshape(shape) if self.word_starts else None
+        return PackedRows(np.concatenate(pieces).reshape(shape), used, doc_starts, word_starts, records_done)
+
+
+def best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Bins of ``capacity`` holding every item: largest first, each into the bin whose free space
+    fits it most tightly (the first such bin), else a new one. Returns item indexes per bin, in the
+    order the bins were opened; a pure function of ``sizes``."""
+    bins: list[list[int]] = []
+    free: list[int] = []  # free space << 32 | bin, of the bins with room left, sorted (plain ints compare fast)
+    for item in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        size = sizes[item]
+        k = bisect.bisect_left(free, size << 32)
+        if k < len(free):
+            key = free.pop(k)
+            room, target = key >> 32, key & 0xFFFFFFFF
+        else:
+            room, target = capacity, len(bins)
+            bins.append([])
+        bins[target].append(item)
+        if room > size:
+            bisect.insort(free, (room - size) << 32 | target)
+    return bins
+
+
+PACKING_OPTIONS: dict[str, Any] = {"packing": "concat", "document_mask": False, "cu_seqlens": False}
+
+
+def check_packing_options(options: dict[str, Any], origin: str) -> None:
+    """The options of ``PACKING_OPTIONS`` (a packing task's own) hold together."""
+    if options["packing"] not in PACKING_MODES:
+        raise RecipeError(f"{origin}: task.packing: must be one of {', '.join(PACKING_MODES)}, "
+                          f"got {options['packing']!r}")
+    if options["cu_seqlens"] and not options["document_mask"]:
+        raise RecipeError(f"{origin}: task.cu_seqlens: needs task.document_mask: true "
+                          "(its offsets are the document boundaries)")
+
+
+def segment_capacity(length: int) -> int:
+    """``cu_seqlens`` entries per row: a row of ``length`` tokens has at most ``length`` segments,
+    so ``B * (length + 1)`` entries hold any batch's ``segments + 1`` offsets."""
+    return length + 1
+
+
+def segment_field_list(options: dict[str, Any], batch_size: int, length: int) -> list[Field]:
+    """The document-boundary fields the options ask for (``segment_fields`` writes them)."""
+    shape = (batch_size, length)
+    fields = []
+    if options["document_mask"]:
+        fields += [Field("position_ids", np.dtype("<i4"), shape), Field("_document_ids", np.dtype("<i4"), shape)]
+    if options["cu_seqlens"]:
+        fields += [Field("cu_seqlens", np.dtype("<i4"), (batch_size, segment_capacity(length))),
+                   Field("max_seqlen", np.dtype("<i4"), (batch_size,))]
+    return fields
+
+
+def framed_starts(packed: PackedRows, length: int, lead: int) -> np.ndarray:
+    """Segment starts [B, length] of rows holding ``packed``'s content after ``lead`` framing
+    tokens (mlm's ``[CLS]``, which joins the row's first segment); the padding after the content
+    is a segment of its own."""
+    rows = len(packed.used)
+    starts = np.zeros((rows, length), dtype=bool)
+    starts[:, lead:lead + packed.doc_starts.shape[1]] = packed.doc_starts
+    starts[:, lead] = False
+    starts[:, 0] = True
+    padding_at = lead + packed.used
+    padded = np.flatnonzero(padding_at < length)
+    starts[padded, padding_at[padded]] = True
+    return starts
+
+
+def segment_fields(starts: np.ndarray, out: dict[str, np.ndarray]) -> None:
+    """Write the document-boundary fields present in ``out`` from ``starts`` [B, L] (True where a
+    segment begins: a document, a piece of one, a row's padding; column 0 always).
+
+    ``position_ids`` restart at 0 in every segment and ``_document_ids`` number the segments of
+    each row. ``cu_seqlens`` [B, L + 1] int32, read in row-major order (``.view(-1)``), is the
+    batch flattened to ``B * L`` tokens as flash-attention's varlen functions take it: offsets
+    0, end of segment 1, ..., ``B * L``, then ``B * L`` repeated up to the capacity, zero-length
+    sequences that the kernels skip. ``max_seqlen`` [B] is each row's longest segment.
+    """
+    rows, length = starts.shape
+    if "position_ids" in out or "_document_ids" in out:
+        columns = np.arange(length, dtype=np.int32)
+        latest = np.maximum.accumulate(np.where(starts, columns, 0), axis=1)
+        if "position_ids" in out:
+            out["position_ids"][:] = columns - latest
+        if "_document_ids" in out:
+            out["_document_ids"][:] = np.cumsum(starts, axis=1, dtype=np.int32) - 1
+    if "cu_seqlens" in out:
+        offsets = np.append(np.flatnonzero(starts), rows * length)
+        cu = np.full(out["cu_seqlens"].size, rows * length, dtype=np.int32)
+        cu[:len(offsets)] = offsets
+        out["cu_seqlens"][:] = cu.reshape(out["cu_seqlens"].shape)
+        longest = out["max_seqlen"]
+        longest.fill(0)
+        np.maximum.at(longest, offsets[:-1] // length, np.diff(offsets).astype(longest.dtype))
 
 
 class Task(ABC):
@@ -219,6 +437,7 @@ class Task(ABC):
 
     options: ClassVar[dict[str, Any]] = {}
     tokens_dropped = 0  # tokens the last ``batches`` call could not place in a full batch
+    documents_cut = 0  # documents the last ``batches`` call cut across rows, split or truncated
     examples_dropped = 0  # examples the last ``batches`` call could not place in a full batch
     labels_unknown = 0  # labels outside the recipe's label list, ignored so far (multilabel)
 

@@ -10,13 +10,32 @@ import numpy as np
 from .._errors import RecipeError
 from .._layout import Field
 from .._sources import Records
-from .base import TOKENIZE_PIECE, Packer, PendingBatch, Task, TokenizerInfo
+from .base import (
+    PACKING_OPTIONS,
+    TOKENIZE_PIECE,
+    Packer,
+    PackedRows,
+    PendingBatch,
+    Task,
+    TokenizerInfo,
+    check_packing_options,
+    framed_starts,
+    segment_field_list,
+    segment_fields,
+)
 
 
 class MaskedLM(Task):
-    """``type: mlm``. Rows of exactly ``seq_len`` tokens with documents packed back to back and
-    joined by [SEP] (``pack: false``: one truncated, padded document per row). ``whole_word_mask``
-    chooses all sub-tokens of a word together."""
+    """``type: mlm``. Rows of ``seq_len`` tokens, ``[CLS]`` then documents each followed by
+    ``[SEP]`` (``pack: false``: one truncated, padded document per row). ``whole_word_mask``
+    chooses all sub-tokens of a word together.
+
+    Packed rows: ``packing: concat`` cuts one stream into rows ``[CLS]`` + ``seq_len - 2`` tokens
+    + ``[SEP]``; ``packing: best_fit`` places whole documents into rows (``Packer``; a document
+    longer than a row is split into pieces that end in ``[SEP]``) and pads the rest.
+    ``document_mask`` adds ``position_ids`` restarting at every document (the row's ``[CLS]``
+    belongs to its first one; padding is a segment of its own) and ``_document_ids``;
+    ``cu_seqlens`` adds ``cu_seqlens`` and ``max_seqlen`` (``segment_fields``)."""
 
     options = {
         "seq_len": 128,
@@ -25,6 +44,7 @@ class MaskedLM(Task):
         "random_token_prob": 0.1,
         "pack": True,
         "whole_word_mask": False,
+        **PACKING_OPTIONS,
         "special_tokens": {},
     }
 
@@ -35,6 +55,13 @@ class MaskedLM(Task):
                 raise RecipeError(f"{origin}: task.{key}: must be within 0..1, got {options[key]}")
         if options["mask_token_prob"] + options["random_token_prob"] > 1.0:
             raise RecipeError(f"{origin}: task.mask_token_prob + task.random_token_prob must not exceed 1")
+        check_packing_options(options, origin)
+        if not options["pack"]:
+            asked = [f"task.{key}" for key in ("document_mask", "cu_seqlens") if options[key]]
+            asked += ["task.packing: best_fit"] if options["packing"] == "best_fit" else []
+            if asked:
+                raise RecipeError(f"{origin}: {', '.join(asked)} need packed rows (task.pack: true); "
+                                  "with pack: false each row holds one document already")
 
     @classmethod
     def packs_documents(cls, options: dict[str, Any]) -> bool:
@@ -46,7 +73,9 @@ class MaskedLM(Task):
         self.cls, self.sep = tokenizer.token_id("cls"), tokenizer.token_id("sep")
         self.mask, self.pad = tokenizer.token_id("mask"), tokenizer.token_id("pad")
         self.ordinary_ids = np.flatnonzero(~tokenizer.special).astype(np.int32)
-        self.packer = Packer(tokenizer, self.sep, batch_size, self.seq_len - 2, options["whole_word_mask"])
+        # Content after [CLS]: seq_len - 1 tokens; every piece cut from a longer stream ends in [SEP].
+        self.packer = Packer(tokenizer, self.sep, batch_size, self.seq_len - 1, options["whole_word_mask"],
+                             best_fit=options["packing"] == "best_fit", close_cuts=True)
 
     def fields(self) -> list[Field]:
         shape = (self.batch_size, self.seq_len)
@@ -54,7 +83,7 @@ class MaskedLM(Task):
         if self.tok.has_token_types:
             fields.append(Field("token_type_ids", np.dtype("<i4"), shape))
         fields.append(Field("labels", np.dtype("<i8"), shape))
-        return fields
+        return fields + segment_field_list(self.opts, self.batch_size, self.seq_len)
 
     def batches(self, records: Records, chunk: int) -> Iterator[PendingBatch]:
         if self.opts["pack"]:
@@ -62,26 +91,30 @@ class MaskedLM(Task):
         return self._one_per_row(records.texts, chunk)
 
     def _packed(self, texts: list[str], chunk: int) -> Iterator[PendingBatch]:
-        for index, (rows, starts, done) in enumerate(self.packer.batches(texts)):
-            yield PendingBatch(self._packed_writer(rows, starts, chunk, index), self.batch_size,
-                               self.batch_size * self.seq_len, done)
+        for index, packed in enumerate(self.packer.batches(texts)):
+            tokens = self.batch_size + int(packed.used.sum())  # [CLS] and the content, not the padding
+            yield PendingBatch(self._packed_writer(packed, chunk, index), self.batch_size, tokens,
+                               packed.records_done)
         self.tokens_dropped = self.packer.leftover
+        self.documents_cut = self.packer.documents_cut
 
-    def _packed_writer(self, rows: np.ndarray, starts: np.ndarray | None, chunk: int,
-                       index: int) -> Callable[[dict[str, np.ndarray]], None]:
+    def _packed_writer(self, packed: PackedRows, chunk: int, index: int) -> Callable[[dict[str, np.ndarray]], None]:
         def write(out: dict[str, np.ndarray]) -> None:
+            padding = np.arange(self.seq_len) >= 1 + packed.used[:, None]
             ids = out["input_ids"]
             ids[:, 0] = self.cls
-            ids[:, 1:-1] = rows
-            ids[:, -1] = self.sep
-            out["attention_mask"].fill(1)
+            ids[:, 1:] = packed.tokens
+            ids[padding] = self.pad  # a special token: never chosen for masking
+            out["attention_mask"][:] = ~padding
             if "token_type_ids" in out:
                 out["token_type_ids"].fill(0)
             word_starts = None
-            if starts is not None:
+            if packed.word_starts is not None:
                 word_starts = np.ones(ids.shape, dtype=bool)
-                word_starts[:, 1:-1] = starts
+                word_starts[:, 1:] = packed.word_starts
             self._mask(ids, out["labels"], self.rng(chunk, index), word_starts)
+            if self.opts["document_mask"]:
+                segment_fields(framed_starts(packed, self.seq_len, lead=1), out)
         return write
 
     def _one_per_row(self, texts: list[str], chunk: int) -> Iterator[PendingBatch]:
@@ -89,7 +122,7 @@ class MaskedLM(Task):
         width = self.seq_len - 2
         pending: list[list[int]] = []
         pending_starts: list[list[bool]] = []
-        done, index, dropped = 0, 0, 0
+        done, index, dropped, truncated = 0, 0, 0, 0
         whole_words = self.opts["whole_word_mask"]
         for begin in range(0, len(texts), TOKENIZE_PIECE):
             piece = texts[begin:begin + TOKENIZE_PIECE]
@@ -99,6 +132,7 @@ class MaskedLM(Task):
                 if starts_list is not None:
                     pending_starts.append(starts_list[i][:width])
                 dropped += max(0, len(ids) - width)
+                truncated += len(ids) > width
                 done += 1
                 if len(pending) == self.batch_size:
                     tokens = sum(map(len, pending)) + 2 * self.batch_size
@@ -106,6 +140,7 @@ class MaskedLM(Task):
                                        tokens, done)
                     pending, pending_starts, index = [], [], index + 1
         self.tokens_dropped = dropped + sum(map(len, pending))
+        self.documents_cut = truncated
 
     def _row_writer(self, docs: list[list[int]], doc_starts: list[list[bool]], chunk: int,
                     index: int) -> Callable[[dict[str, np.ndarray]], None]:
