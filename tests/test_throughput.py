@@ -221,7 +221,8 @@ def test_classification_reads_only_the_head_of_long_records(asset, tokenizer_pat
     rng = random.Random(3)
     long_texts = [adversarial_text(rng, rng.choice([5, 300, 8000])) for _ in range(16)]
     # Pairs stay shorter: the reference, truncating a long pair whole, makes every overflow combination.
-    texts, pairs = ([adversarial_text(rng, rng.choice([5, 300])) for _ in range(16)] for _ in range(2))
+    texts, pairs = ([adversarial_text(rng, rng.choice([5, 60, 300])) for _ in range(16)] for _ in range(2))
+    assert sum(len(task.tok.head(t, 64)) < len(t) for t in long_texts) >= 3  # long records are cut to a head
     for records in (Records(long_texts, labels=[0] * 16), Records(texts, pairs, [1] * 16)):
         texts = records.texts
         whole = task.encoder.encode_batch(list(zip(texts, pairs)) if records.pairs else texts, add_special_tokens=True)

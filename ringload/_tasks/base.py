@@ -96,6 +96,20 @@ class TokenizerInfo:
             limit *= 4  # words longer than usual: look further
         return text
 
+    def head_of_pair(self, first: str, second: str, tokens: int) -> tuple[str, str]:
+        """Heads of a pair that truncate to ``tokens`` exactly as the whole pair does. Longest-first
+        truncation depends on which text is longer, so only one long text is cut, and only to more
+        tokens than the other has; two long texts are tokenized whole."""
+        first_head, second_head = self.head(first, tokens), self.head(second, tokens)
+        first_cut, second_cut = len(first_head) < len(first), len(second_head) < len(second)
+        if first_cut == second_cut:
+            return first, second
+        if first_cut:
+            others = len(self.tokenizer.encode(second, add_special_tokens=False).ids)
+            return (self.head(first, others) if others > tokens else first_head), second
+        others = len(self.tokenizer.encode(first, add_special_tokens=False).ids)
+        return first, (self.head(second, others) if others > tokens else second_head)
+
     def encode_ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 

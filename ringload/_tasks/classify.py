@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from .._errors import RecipeError
 from .._layout import Field
@@ -40,7 +41,8 @@ class Classify(Task):
         self.num_labels = len(self.label_names) or options["num_labels"]
         self.pad = tokenizer.token_id("pad")
         # Classification encodes one example per row, with the tokenizer's special tokens, truncated.
-        self.encoder = tokenizer.tokenizer
+        # A copy: the shared tokenizer stays without truncation, which TokenizerInfo.head relies on.
+        self.encoder = Tokenizer.from_str(tokenizer.tokenizer.to_str())
         self.encoder.enable_truncation(max_length=self.seq_len)
 
     def fields(self) -> list[Field]:
@@ -83,12 +85,12 @@ class Classify(Task):
         step = max(1, TOKENIZE_PIECE // self.batch_size) * self.batch_size
         for begin in range(0, full, step):
             # Only the first seq_len tokens are kept: long records are tokenized as far as that needs.
-            texts = [self.tok.head(t, self.seq_len) for t in records.texts[begin:min(full, begin + step)]]
+            texts = records.texts[begin:min(full, begin + step)]
             if records.pairs is not None:
-                pairs = [self.tok.head(t, self.seq_len) for t in records.pairs[begin:begin + len(texts)]]
-                inputs: list[Any] = list(zip(texts, pairs))
+                pairs = records.pairs[begin:begin + len(texts)]
+                inputs: list[Any] = [self.tok.head_of_pair(a, b, self.seq_len) for a, b in zip(texts, pairs)]
             else:
-                inputs = texts
+                inputs = [self.tok.head(t, self.seq_len) for t in texts]
             encodings = self.encoder.encode_batch_fast(inputs, add_special_tokens=True)
             for start in range(0, len(encodings), self.batch_size):
                 rows = encodings[start:start + self.batch_size]
