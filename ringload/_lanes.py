@@ -27,7 +27,7 @@ same line)::
     line 1  consumer:  taken | released
     line 2  producer:  batches | examples | tokens | bad_records | tokens_dropped | chunks | current_chunk
                        | labels_unknown
-    line 3  daemon:    pid | restarts | exitcode;  producer: examples_dropped
+    line 3  daemon:    pid | restarts | exitcode;  producer: examples_dropped | records_truncated
 
 A producer's statistics (lines 2 and 3) live in its rank-0 lane, lane ``p``.
 
@@ -87,6 +87,7 @@ class LaneWord:
     RESTARTS = 25
     EXITCODE = 26
     EXAMPLES_DROPPED = 27
+    RECORDS_TRUNCATED = 28
 
 
 STAT_WORDS = {
@@ -97,6 +98,7 @@ STAT_WORDS = {
     "tokens_dropped": LaneWord.TOKENS_DROPPED,
     "examples_dropped": LaneWord.EXAMPLES_DROPPED,
     "labels_unknown": LaneWord.LABELS_UNKNOWN,
+    "records_truncated": LaneWord.RECORDS_TRUNCATED,
     "chunks": LaneWord.CHUNKS,
 }
 
