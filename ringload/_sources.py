@@ -386,6 +386,12 @@ def _text_of(row: dict[str, Any], key: str) -> str:
         raise ValueError(f"field {key!r} is {why}")
     if not value.strip():
         raise ValueError(f"field {key!r} is empty")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")  # JSON may escape half of a surrogate pair; no tokenizer takes that
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"field {key!r} holds an unpaired surrogate (\\u{ord(value[exc.start]):04x}) at "
+                             f"character {exc.start}") from None
     return value
 
 

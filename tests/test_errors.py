@@ -147,6 +147,16 @@ def test_csv_rows_with_the_wrong_number_of_fields_are_bad():
                                                   (5, "2 fields where the header has 3")]
 
 
+def test_an_unpaired_surrogate_is_a_bad_record():
+    """A JSON text escaping half a surrogate pair, which no tokenizer accepts, is a bad record, not a producer crash."""
+    lines = [b'{"text": "fine"}', b'{"text": "half a pair \\ud800 here"}', b'{"text": "\\ud83d\\ude00"}']
+    chunk = Chunk(0, 0, 0, 0, 1, b"".join(line + b"\n" for line in lines))
+    records, bad = parse_records(chunk, Source(("x",), "jsonl"), "data.jsonl")
+    assert records.texts == ["fine", "\U0001F600"]
+    assert [(b.line, b.reason) for b in bad] == [
+        (2, "field 'text' holds an unpaired surrogate (\\ud800) at character 12")]
+
+
 # -- 5: one consumer per rank, within a process too ----------------------------------------------------
 def test_a_second_connect_for_a_rank_in_the_same_process_is_refused(recipe_file, ring_name):
     """connect() twice for one rank in one process is refused like a second process; closing (or dropping) the
