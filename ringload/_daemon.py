@@ -20,8 +20,8 @@ source whose records are all bad (wrong format or field) fails ``ringload start`
 reason. (The records of a source with ``filter``/``map`` hooks are not checked there: hooks are
 user code, and only producers run it.) And once the first whole pass over the sources is done,
 if not a single batch came out of it, the ring fails with the counts instead of ending with an
-empty epoch or reading the same useless records forever; the end of a finite stream is published
-only after that check.
+empty epoch or reading the same useless records forever; the end of a finite stream is published,
+and the next pass's first chunk handed out, only after that check (``_next_chunk``).
 
 On SIGTERM, SIGINT, ``ringload stop``, or the end of the process that started it from Python
 (``--stop-with``), the daemon stops the producers and removes every shared object of the ring.
@@ -135,6 +135,7 @@ class Daemon:
         self.reader_error: str | None = None
         self.chunks_read: int | None = None  # total number of chunks, once the sources are exhausted
         self.sources_done = False  # the reader's end marker has been taken from the queue
+        self.held: Chunk | None = None  # taken from the reader, not yet handed out (see _next_chunk)
         self.wake_r, self.wake_w = os.pipe()
         self.producers: list[ProducerSlot] = []
         self.files: list[list[str]] = []  # per source
@@ -391,21 +392,15 @@ class Daemon:
 
     def _dispatch(self) -> None:
         """Give every idle producer its next chunk: first any chunk a dead predecessor left, else the next one read."""
+        self._check_first_pass()
         for slot in self.producers:
             if not slot.idle:
                 continue
             if slot.redo:
                 chunk, skip = slot.redo.pop(0)
-            elif self.sources_done:
-                continue
             else:
-                try:
-                    chunk = self.chunks.get_nowait()
-                except queue.Empty:
-                    continue
-                self._took(chunk)
+                chunk = self._next_chunk()
                 if chunk is None:
-                    self._end_of_sources()
                     continue
                 skip = self.first_skip[1] if chunk.id == self.first_skip[0] else 0
             try:
@@ -418,6 +413,26 @@ class Daemon:
         if (self.sources_done and self.first_pass.epoch is None and self.ring.state == State.RUNNING
                 and all(s.idle and not s.redo for s in self.producers)):
             self.ring.set_state(State.FINISHED)
+
+    def _next_chunk(self) -> Chunk | None:
+        """The next chunk read, if there is one now. A chunk after the first pass waits until that pass is
+        checked, so that the producers' counters at the check are the first pass's alone (a one-time wait
+        of at most one chunk's work, at the end of the first pass)."""
+        if self.held is None and not self.sources_done:
+            try:
+                chunk = self.chunks.get_nowait()
+            except queue.Empty:
+                return None
+            self._took(chunk)
+            if chunk is None:
+                self._end_of_sources()
+                return None
+            self.held = chunk
+        chunk = self.held
+        if chunk is None or (self.first_pass.epoch is not None and chunk.epoch > self.first_pass.epoch):
+            return None
+        self.held = None
+        return chunk
 
     def _end_of_sources(self) -> None:
         self.sources_done = True

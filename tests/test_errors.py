@@ -112,7 +112,8 @@ def test_a_pass_without_a_batch_fails_the_ring(recipe_file, ring_name, tmp_path,
     few.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(3)) + '{"body": 1}\n')
     recipe = recipe_file(source={"paths": [str(few)]}, epochs=epochs)
     with ringload.start(recipe, name=ring_name):
-        with pytest.raises(ringload.ProducerFailed, match=r"no batch.*few\.jsonl.*3 usable records.*1 bad"):
+        with pytest.raises(ringload.ProducerFailed,
+                           match=r"no batch.*few\.jsonl\): its 1 chunk held 3 usable records and 1 bad record \("):
             drain(ring_name, timeout=15)
 
 
