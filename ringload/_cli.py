@@ -1,4 +1,7 @@
-"""The ``ringload`` command: start and stop rings, and look at what they are doing."""
+"""The ``ringload`` command: start and stop rings, and look at what they are doing.
+
+Every error, whether ringload's own or a usage mistake click finds, is one line ``ringload: ...``
+on stderr and exit code 2 (``run``)."""
 
 from __future__ import annotations
 
@@ -9,10 +12,11 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
-from ._errors import RingloadError
+from ._errors import RingError, RingloadError
 from ._names import validate_name
 
 
@@ -42,7 +46,7 @@ def start(recipe: str, name: str | None, producers: int | None, world_size: int 
     loaded = load_recipe(recipe)
     sharding = {"world_size": world_size, "nnodes": nnodes, "node_rank": node_rank}
     loaded = loaded.replace(producers=producers, **sharding)
-    ring_name = validate_name(name or loaded.name)
+    ring_name = validate_name(name if name is not None else loaded.name)
     state = json.loads(Path(resume).read_text()) if resume else None
     if detach:
         process = launch(recipe, ring_name, producers, detach=True, resume_path=resume, sharding=sharding)
@@ -59,6 +63,7 @@ def start(recipe: str, name: str | None, producers: int | None, world_size: int 
 def stop(name: str, timeout: float) -> None:
     """Stop the ring NAME: its daemon stops the producers and removes every shared object."""
     from ._daemon import remove_ring, ring_owner
+    from ._failures import forget_failure, read_failure
     from ._names import list_ring_names, pid_alive
 
     validate_name(name)
@@ -68,7 +73,12 @@ def stop(name: str, timeout: float) -> None:
             remove_ring(name)
             click.echo(f"ring {name}: its daemon was already dead; removed what it left behind")
             return
-        raise click.ClickException(f"no ring named {name!r} (see `ringload ls`)")
+        failure = read_failure(name)
+        if failure is not None:
+            forget_failure(name)
+            click.echo(f"ring {name}: had already failed and been removed ({failure['error']}); forgot that failure")
+            return
+        raise RingError(f"no ring named {name!r} (see `ringload ls`)")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while pid_alive(pid) and time.monotonic() < deadline:
@@ -84,31 +94,55 @@ def stop(name: str, timeout: float) -> None:
 @main.command()
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable keys).")
-@click.option("--watch", is_flag=True, help="Refresh every second until interrupted.")
+@click.option("--watch", is_flag=True, help="Refresh every second until interrupted (redrawn in place on a terminal).")
 def status(name: str | None, as_json: bool, watch: bool) -> None:
     """State, position, fill and producer counters of ring NAME (default: the only ring)."""
+    from ._names import list_ring_names
     from ._status import list_rings, ring_status
 
     if name is None:
         rings = [r["name"] for r in list_rings()]
         if len(rings) != 1:
-            raise click.ClickException(f"name a ring: there are {len(rings)} ({', '.join(rings) or 'none'})")
+            raise RingError(f"name a ring: there are {len(rings)} ({', '.join(rings) or 'none'})")
         name = rings[0]
-    snapshot = None
-    while True:
-        snapshot = ring_status(name, previous=snapshot if watch else None)  # watch: shares of the last interval
-        if as_json:
-            click.echo(json.dumps(snapshot, indent=2))
-        else:
-            if watch:
-                click.clear()
-            click.echo(_render_status(snapshot))
-        if not watch:
-            return
-        time.sleep(1.0)
+    snapshot = ring_status(name)
+    terminal = watch and sys.stdout.isatty()
+    frames = 0
+    try:
+        while True:
+            frame = json.dumps(snapshot, indent=2) if as_json else _render_status(snapshot)
+            if terminal:
+                # Redraw in place: cursor home, each line overwritten and cleared to its end, then the rest of
+                # the screen cleared. Only the first frame clears the whole screen (clearing every time would
+                # flicker and push each frame into the terminal's scrollback).
+                lines = "".join(f"{line}\x1b[K\n" for line in frame.split("\n"))
+                click.echo(("\x1b[H\x1b[2J" if frames == 0 else "\x1b[H") + lines + "\x1b[J", nl=False)
+            else:
+                click.echo(("\n" if frames else "") + frame)
+            frames += 1
+            if not watch or snapshot["removed"]:
+                return
+            time.sleep(1.0)
+            try:
+                snapshot = ring_status(name, previous=snapshot)  # shares of the last interval
+            except RingError:
+                if name in list_ring_names():
+                    raise
+                click.echo(f"ring {name} was stopped and removed")
+                return
+    except KeyboardInterrupt:
+        return  # the way to end --watch
 
 
 def _render_status(s: dict) -> str:
+    if s["removed"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["failed_at"] or 0))
+        return "\n".join([
+            f"ring {s['name']}  state failed, removed  daemon pid {s['daemon_pid']} (ended)",
+            f"failed at {when}" + (f"; log {s['log']}" if s["log"] else ""),
+            f"ERROR: {s['error']}",
+            f"`ringload start RECIPE --name {s['name']}` starts it again; `ringload stop {s['name']}` forgets this",
+        ])
     g = s["geometry"]
     lines = [
         f"ring {s['name']}  state {s['state']}  daemon pid {s['daemon_pid']} ({'alive' if s['daemon_alive'] else 'DEAD'}, "
@@ -134,12 +168,12 @@ def _render_status(s: dict) -> str:
     if s["source_errors"]:
         lines.append(f"files skipped from a broken point on: {s['source_errors']} (see the daemon's log)")
     lines += _render_stages(s["stages"])
-    header = ("lane", "pid", "alive", "batches", "examples", "tokens", "restarts", "bad", "dropped tok/ex",
-              "unknown labels", "chunk", "chunk KiB/age", "work/wait chunk/wait slot s")
+    header = ("lane", "pid", "alive", "batches", "examples", "tokens", "restarts", "bad", "truncated",
+              "dropped tok/ex", "unknown labels", "chunk", "chunk KiB/age", "work/wait chunk/wait slot s")
     rows = [header] + [
         (p["lane"], p["pid"], "yes" if p["alive"] else "no", p["batches"], p["examples"], p["tokens"], p["restarts"],
-         p["bad_records"], f"{p['tokens_dropped']}/{p['examples_dropped']}", p["labels_unknown"], p["current_chunk"],
-         f"{p['chunk_bytes'] // 1024}/{p['chunk_age_s'] or 0:.1f}s",
+         p["bad_records"], p["records_truncated"], f"{p['tokens_dropped']}/{p['examples_dropped']}",
+         p["labels_unknown"], p["current_chunk"], f"{p['chunk_bytes'] // 1024}/{p['chunk_age_s'] or 0:.1f}s",
          f"{p['work_s']:.1f}/{p['wait_chunk_s']:.1f}/{p['wait_slot_s']:.1f}")
         for p in s["producers"]
     ]
@@ -198,23 +232,47 @@ def list_command() -> None:
         click.echo("no rings")
         return
     for r in rings:
-        alive = "alive" if r["alive"] else "dead (`ringload clean` removes it)"
+        if r.get("removed"):
+            alive = f"ended; ring removed (`ringload status {r['name']}` says why)"
+        else:
+            alive = "alive" if r["alive"] else "dead (`ringload clean` removes it)"
         click.echo(f"{r['name']}\t{r['state']}\tdaemon {r['daemon_pid']} {alive}")
 
 
 @main.command()
 def clean() -> None:
-    """Remove every ring (and stray semaphore) whose daemon is dead."""
+    """Remove every ring (and stray semaphore) whose daemon is dead, and the records of failed rings."""
     from ._daemon import clean_orphans
+    from ._failures import failed_names, forget_failure
 
     removed = clean_orphans()
-    click.echo(f"removed {len(removed)} orphaned ring(s)" + (f": {', '.join(removed)}" if removed else ""))
+    forgotten = [name for name in failed_names() if forget_failure(name)]
+    click.echo(f"removed {len(removed)} orphaned ring(s)" + (f": {', '.join(removed)}" if removed else "")
+               + (f"; forgot the failures of {', '.join(forgotten)}" if forgotten else ""))
+
+
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
 def run() -> None:
-    """Console-script entry point: RingloadErrors become one-line messages, not tracebacks."""
+    """Console-script entry point: every error is one line `ringload: ...` on stderr, exit code 2."""
     try:
-        main(standalone_mode=True)
+        code = main(standalone_mode=False)
     except RingloadError as exc:
-        click.echo(f"ringload: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except _NO_ARGS_IS_HELP as exc:
+        click.echo(exc.format_message())  # `ringload` alone: the help, not an error
+        code = 0
+    except click.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        _fail(exc.format_message() + hint)
+    except click.ClickException as exc:
+        _fail(exc.format_message())
+    except click.Abort:
+        code = 130  # interrupted (Ctrl-C) outside a command that handles it
+    sys.exit(code or 0)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"ringload: {message}", err=True)
+    sys.exit(2)

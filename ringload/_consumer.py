@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections import deque
 from typing import Any
 
 from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RingError
+from ._failures import attach_or_explain
 from ._lanes import LaneWord, Semaphores, acquire
 from ._layout import (
     FLAG_LAST_IN_CHUNK,
     SOURCE_CURSOR_WORDS,
     ConsumerWord,
-    Ring,
     SlotWord,
     State,
     Word,
@@ -47,6 +48,9 @@ HEARTBEAT_TIMEOUT_S = 5.0
 _CURSOR_WORDS = (SlotWord.EPOCH, SlotWord.FILE_INDEX, SlotWord.CHUNK_OFFSET, SlotWord.CHUNK_LINE, SlotWord.PART,
                  SlotWord.SOURCE, SlotWord.LAP, SlotWord.PICK)  # Chunk's fields after the id, as stamped
 _UNSEEN_SOURCES = ResumePoint().words()[5:]
+# The open loaders of this process, by (ring, its creation time, rank): a rank's consumer pid alone
+# cannot tell a second connect() in the same process from a loader that was dropped without close().
+_OPEN: weakref.WeakValueDictionary[tuple[str, int, int], Loader] = weakref.WeakValueDictionary()
 
 
 class Loader:
@@ -59,8 +63,9 @@ class Loader:
         self._torch = torch
         self.name = name
         self.timeout = timeout
-        self.ring = ring = Ring.attach(name)
+        self.ring = ring = attach_or_explain(name)
         self.sems = None
+        self._claimed = False
         header = ring.recipe()
         recipe = header.get("recipe", {})
         self._sources = len(header.get("files", [[]]))
@@ -110,6 +115,12 @@ class Loader:
         w = self._words
         pid_word = self._block + ConsumerWord.PID
         holder = w[pid_word]
+        key = (self.name, w[Word.CREATED_NS], self.rank)
+        if key in _OPEN:
+            self.close()
+            raise RingError(f"rank {self.rank} of ring {self.name!r} already has a consumer in this process (a "
+                            "connect() not yet closed); close that one first (loader.close() or a with block): "
+                            "a rank has one consumer (start the ring with --world-size for more ranks)")
         if holder and holder != os.getpid() and pid_alive(holder):
             self.close()
             raise RingError(f"rank {self.rank} of ring {self.name!r} already has a consumer (pid {holder}); "
@@ -117,6 +128,8 @@ class Loader:
         w[pid_word] = os.getpid()
         w[self._block + ConsumerWord.CONNECTED_NS] = time.time_ns()
         w[self._block + ConsumerWord.WAIT_NS] = 0
+        _OPEN[key] = self
+        self._claimed = True
         position = read_position(w, self._block)
         self._resume = list(position.resume)  # ResumePoint.words(), updated in place per batch
         self.next_chunk, self.next_index, self.delivered = position.next_chunk, position.next_index, position.delivered
@@ -332,8 +345,11 @@ class Loader:
         if self._in_hand is not None and self.sems is not None:
             self._release(*self._in_hand)
             self._in_hand = None
-        if getattr(self, "_words", None) is not None and self._words[self._block + ConsumerWord.PID] == os.getpid():
-            self._words[self._block + ConsumerWord.PID] = 0
+        if self._claimed:
+            if self._words[self._block + ConsumerWord.PID] == os.getpid():
+                self._words[self._block + ConsumerWord.PID] = 0
+            _OPEN.pop((self.name, self._words[Word.CREATED_NS], self.rank), None)
+            self._claimed = False
         self._views.clear()
         if getattr(self, "sems", None) is not None:
             self.sems.close()

@@ -11,7 +11,17 @@ replacement the chunk the dead one held, with the number of batches it had alrea
 so the stream the consumer sees is the same as if nothing had happened. A producer that reports
 an error, or a source that cannot be read (under ``on_bad_record: fail``; under ``skip`` the rest
 of a broken file is skipped and counted), fails the ring: the message goes into the header,
-where the consumer and ``ringload status`` read it.
+where the consumer and ``ringload status`` read it, and into the log; when the failed ring is
+removed, a failure record (``_failures``) keeps it for ``status`` and ``connect``.
+
+Failing early. The ring is reported ready (RUNNING) only once the reader has opened every source
+and the first chunk of each holds a usable record, so an empty file, a URL that answers 404 or a
+source whose records are all bad (wrong format or field) fails ``ringload start`` itself, with the
+reason. (The records of a source with ``filter``/``map`` hooks are not checked there: hooks are
+user code, and only producers run it.) And once the first whole pass over the sources is done,
+if not a single batch came out of it, the ring fails with the counts instead of ending with an
+empty epoch or reading the same useless records forever; the end of a finite stream is published,
+and the next pass's first chunk handed out, only after that check (``_next_chunk``).
 
 On SIGTERM, SIGINT, ``ringload stop``, or the end of the process that started it from Python
 (``--stop-with``), the daemon stops the producers and removes every shared object of the ring.
@@ -27,7 +37,6 @@ import queue
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,17 +46,18 @@ from typing import Any
 
 import posix_ipc
 
-from ._errors import RecipeError, RingError
+from ._errors import ProducerFailed, RecipeError, RingError
+from ._failures import forget_failure, record_failure
 from ._http import SourceMeter
-from ._lanes import LaneWord, Semaphores, last_published, repair_after_producer_death, unlink_semaphores
+from ._lanes import STAT_WORDS, LaneWord, Semaphores, last_published, repair_after_producer_death, unlink_semaphores
 from ._layout import Field, Geometry, Position, Ring, State, Word, write_position
-from ._names import list_ring_names, list_semaphore_rings, pid_alive, shm_name, validate_name
+from ._names import list_ring_names, list_semaphore_rings, pid_alive, run_dir, shm_name, validate_name
 from ._producer import ERROR, WANT, encode_chunk, producer_main
 from ._recipe import Recipe
 from ._resume import check_state, stream_identity
-from ._sources import Chunk, Hooks, expand_paths
+from ._sources import Chunk, Hooks, bad_record_stop, expand_paths, parse_records, record_origin
 from ._stream import ResumePoint, read_stream
-from ._tasks import build_task, task_class
+from ._tasks import Task, build_task
 
 HEARTBEAT_S = 0.25
 TOKENS_PER_BYTE_ESTIMATE = 0.3  # WordPiece/BPE on English prose; only sizes the default lanes
@@ -68,6 +78,17 @@ class ProducerSlot:
     redo: list[tuple[Chunk, int]] = field(default_factory=list)  # (chunk, skip) to give first
 
 
+@dataclass
+class FirstPass:
+    """The first whole pass over the sources that this daemon reads: epoch 0, or after a resume
+    point the next epoch (the resumed one is partly delivered already)."""
+
+    epoch: int | None  # None once checked
+    outstanding: set[int] = field(default_factory=set)  # its chunks handed out and not finished yet
+    read: bool = False  # the reader has no more of its chunks
+    chunks: int = 0
+
+
 def batches_per_chunk(recipe: Recipe, fields: list[Field]) -> float:
     """A rough count of a chunk's batches (all ranks), from bytes at about 0.3 tokens per byte."""
     row_tokens = fields[0].shape[1] if len(fields[0].shape) > 1 else 1
@@ -80,8 +101,8 @@ def default_slots(recipe: Recipe, fields: list[Field]) -> int:
     return int(min(4096, max(8, math.ceil(2 * batches_per_chunk(recipe, fields) / recipe.dealt_ranks))))
 
 
-def geometry_for(recipe: Recipe) -> Geometry:
-    fields = build_task(recipe.task, recipe.tokenizer, recipe.batch_size, recipe.seed).fields()
+def geometry_for(recipe: Recipe, task: Task) -> Geometry:
+    fields = task.fields()
     ranks, per_chunk = recipe.dealt_ranks, batches_per_chunk(recipe, fields)
     cut = (ranks - 1) / 2 / max(per_chunk, 1)  # on average half a group of one batch per rank
     if cut > 0.03:
@@ -93,7 +114,8 @@ def geometry_for(recipe: Recipe) -> Geometry:
 
 
 class Daemon:
-    """Serves one ring until stopped. ``run`` blocks; it returns the process exit code."""
+    """Serves one ring until stopped. ``run`` blocks; it returns 0 once stopped, or raises RingError
+    (the ring could not start) or ProducerFailed (it failed) with the reason, after removing it."""
 
     def __init__(self, recipe: Recipe, name: str | None = None, resume: dict[str, Any] | None = None,
                  stop_with: int | None = None):
@@ -101,7 +123,7 @@ class Daemon:
         self.stop_with = stop_with  # a process whose end stops this daemon (the Python API's caller)
         self.resume_state = resume
         self.first_skip = (-1, 0)  # (chunk, batches already delivered) when resuming mid-stream
-        self.name = validate_name(name or recipe.name)
+        self.name = validate_name(name if name is not None else recipe.name)
         self.stop_requested = threading.Event()
         # Enough read-ahead to keep every producer busy, bounded to about 256 MiB for large chunks.
         ahead = min(2 * recipe.producers + 2, max(recipe.producers + 2, (256 << 20) // recipe.chunk_size))
@@ -109,12 +131,19 @@ class Daemon:
         self.reader_error: str | None = None
         self.chunks_read: int | None = None  # total number of chunks, once the sources are exhausted
         self.sources_done = False  # the reader's end marker has been taken from the queue
+        self.held: Chunk | None = None  # taken from the reader, not yet handed out (see _next_chunk)
         self.wake_r, self.wake_w = os.pipe()
         self.producers: list[ProducerSlot] = []
         self.files: list[list[str]] = []  # per source
         self.context = multiprocessing.get_context("spawn")
         self.ring: Ring | None = None
         self.sems: Semaphores | None = None
+        self.task: Task | None = None  # the daemon's own copy: it checks the first chunks' labels
+        self.start: ResumePoint | None = None
+        self.first_chunks_checked = threading.Event()  # set by the reader (also when it failed first)
+        self.start_problem: str | None = None  # why the ring cannot start, found before it is RUNNING
+        self.first_pass = FirstPass(epoch=0)
+        self.failure: str | None = None  # the ring's first failure, whole (the header keeps ERROR_CAPACITY bytes)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -129,13 +158,16 @@ class Daemon:
         for slot in self.producers:
             self._spawn(slot)
         try:
-            geometry = geometry_for(self.recipe)
+            self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed)
+            geometry = geometry_for(self.recipe, self.task)
             header_recipe = {"recipe": self.recipe.to_dict(), "files": files}
             start = None
             if self.resume_state is not None:
                 start, position, delivered = check_state(self.resume_state, stream_identity(header_recipe))
                 if start.chunk >= 0:
                     self.first_skip = (start.chunk, start.skip)
+                    self.first_pass = FirstPass(epoch=start.epoch + 1)
+            self.start = start
             reclaim_if_dead(self.name)
             self.ring = Ring.create(self.name, geometry, header_recipe)
         except BaseException:
@@ -150,21 +182,31 @@ class Daemon:
             write_position(self.ring.words, self.ring.consumer_block(rank), due)
         for slot in self.producers:
             self.ring.set(self.ring.lane_word(slot.lane, LaneWord.PID), slot.process.pid)
+        problem = None
         try:
             self.sems = Semaphores(self.name, geometry.lanes, geometry.slots, geometry.ranks)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self._request_stop())
             threading.Thread(target=self._read, args=(files, start), name="ringload-reader", daemon=True).start()
-            self.ring.set_state(State.RUNNING)
-            log.info("ring %s: %d producers x %d ranks x %d slots of %d x %s, %.1f MiB in /dev/shm%s", self.name,
-                     geometry.producers, geometry.ranks, geometry.slots, geometry.batch_size,
-                     [f.name for f in geometry.fields], self.ring.total_size / 2**20,
-                     f"; node {self.recipe.node_rank} of {self.recipe.nnodes}" if self.recipe.nnodes > 1 else "")
-            self._serve()
+            problem = self._wait_for_first_chunks()
+            if problem is not None:
+                self._fail(problem)
+            elif not self.stop_requested.is_set():
+                self.ring.set_state(State.RUNNING)
+                forget_failure(self.name)  # an earlier failure of this name is history now
+                log.info("ring %s: %d producers x %d ranks x %d slots of %d x %s, %.1f MiB in /dev/shm%s", self.name,
+                         geometry.producers, geometry.ranks, geometry.slots, geometry.batch_size,
+                         [f.name for f in geometry.fields], self.ring.total_size / 2**20,
+                         f"; node {self.recipe.node_rank} of {self.recipe.nnodes}" if self.recipe.nnodes > 1 else "")
+                self._serve()
         finally:
-            failed = self.ring.state == State.FAILED
-            self._teardown()
-        return 1 if failed else 0
+            failure = self.failure if self.ring.state == State.FAILED else None
+            self._teardown(failure)
+        if failure is None:
+            return 0
+        if problem is not None:
+            raise RingError(f"ring {self.name!r} did not start: {failure}")
+        raise ProducerFailed(f"ring {self.name!r} failed: {failure}")
 
     def _node_files(self, files: list[str], source: int) -> list[str]:
         """The source's files this node reads: all of them, or every nnodes-th under node_sharding: files."""
@@ -175,6 +217,53 @@ class Daemon:
             raise RecipeError(f"node_sharding: files needs at least one file per node, but source {source} has "
                               f"{len(files)} for {recipe.nnodes} nodes; use node_sharding: batches")
         return files[recipe.node_rank::recipe.nnodes]
+
+    def _wait_for_first_chunks(self) -> str | None:
+        """Wait (heartbeating) until the reader has checked every source's first chunk; return why the
+        ring cannot start, or None."""
+        while not self.first_chunks_checked.wait(HEARTBEAT_S):
+            self.ring.heartbeat()
+            if self.stop_requested.is_set():
+                return None
+        return self.start_problem
+
+    def _check_first_chunks(self, heads: list[Chunk | None]) -> None:
+        """In the reader thread, before anything is handed out: every source must give a usable record."""
+        for j, head in enumerate(heads):
+            self.start_problem = self._first_chunk_problem(j, head)
+            if self.start_problem is not None:
+                break
+        self.first_chunks_checked.set()
+
+    def _first_chunk_problem(self, j: int, head: Chunk | None) -> str | None:
+        """Why source ``j``, whose first chunk is ``head``, cannot feed the ring; None if it can."""
+        source, recipe = self.recipe.sources[j], self.recipe
+        if head is None:
+            if self.start is not None and self.start.sources[j][0]:
+                return None  # resumed at the end of this source's pass: nothing left is expected
+            files = self.files[j]
+            broken = self.ring.get(Word.SOURCE_ERRORS)
+            return (f"source {j} gave no records: {_listing(files)} {'is' if len(files) == 1 else 'are'} empty"
+                    + (f" (and {broken} file(s) broke off and were skipped: see the log)" if broken else "")
+                    + ("; under node_sharding: chunks each node needs a chunk of every source: lower chunk_bytes"
+                       if recipe.node_sharding == "chunks" and recipe.nnodes > 1 else ""))
+        if source.filter or source.map:
+            return None  # hooks are user code, run by producers only: the first-pass check covers this source
+        path, numbered = record_origin(head, self.files, bool(recipe.shuffle))
+        try:
+            records, bad = parse_records(numbered, source, path, self.task.convert_label, Hooks(),
+                                         recipe.max_record_bytes, recipe.on_long_record)
+        except ValueError as exc:
+            return str(exc)
+        if bad and recipe.on_bad_record == "fail":
+            return str(bad_record_stop(bad[0]))
+        if bad and not records:
+            fields = ", ".join(f"source.{key} ({getattr(source, key)!r})" for key in ("format", "field", "pair_field",
+                                                                                      "label_field")
+                               if getattr(source, key) is not None)
+            return (f"source {j}: none of the {len(bad):,} records in its first {len(head.payload):,} bytes is "
+                    f"usable, e.g. {bad[0]}; check {fields} against the data")
+        return None
 
     def _request_stop(self) -> None:
         self.stop_requested.set()
@@ -192,7 +281,15 @@ class Daemon:
             self.ring.set(self.ring.lane_word(slot.lane, LaneWord.PID), process.pid)
         slot.process, slot.conn, slot.idle, slot.chunk = process, parent, False, None
 
-    def _teardown(self) -> None:
+    def _fail(self, message: str) -> None:
+        """Fail the ring: the first failure's message goes into the header and the log (and, at teardown,
+        into the failure record)."""
+        if self.failure is None:
+            self.failure = message
+            log.error("ring %s failed: %s", self.name, message)
+        self.ring.fail(message)
+
+    def _teardown(self, failure: str | None) -> None:
         ring = self.ring
         if ring.state != State.FAILED:
             ring.set_state(State.STOPPING)
@@ -201,6 +298,8 @@ class Daemon:
         self._stop_producers()
         if self.sems:
             self.sems.close()
+        if failure is not None:  # written before the ring goes, so one of them always tells
+            record_failure(self.name, failure, os.getpid(), _log_destination())
         remove_ring(self.name, ring.geometry.lanes, ring.geometry.ranks)
         ring.close()
         log.info("ring %s: stopped and removed", self.name)
@@ -221,13 +320,14 @@ class Daemon:
     # -- the reader thread -------------------------------------------------------------------
     def _read(self, files: list[list[str]], start: ResumePoint | None) -> None:
         count = max(start.chunk, 0) if start else 0
+        last: int | None = None
         meter = SourceMeter()
         ring = self.ring
         try:
             skip_broken = self._count_source_error if self.recipe.on_bad_record == "skip" else None
-            split = task_class(self.recipe.task["type"]).packs_documents(self.recipe.task)
+            split = self.task.packs_documents(self.recipe.task)
             mark = time.monotonic_ns()
-            for chunk in read_stream(self.recipe, files, start, skip_broken, meter, split_long_records=split):
+            for chunk in read_stream(self.recipe, files, start, skip_broken, meter, split, self._check_first_chunks):
                 ring.set(Word.BYTES_FETCHED, meter.fetched)
                 ring.set(Word.BYTES_LISTED, meter.listed)
                 mark = self._count(Word.READER_READ_NS, mark)
@@ -241,10 +341,14 @@ class Daemon:
                         mark = self._count(Word.READER_WAIT_NS, mark)
                 if self.stop_requested.is_set():
                     return
-                count += 1
+                count, last = count + 1, chunk.id
                 os.write(self.wake_w, b"c")
         except Exception as exc:  # any other failure to read a source fails the ring with its cause
-            self.reader_error = f"reading the sources failed after chunk {count - 1}: {exc}"
+            where = "before the first chunk" if last is None else f"after chunk {last}"
+            self.reader_error = f"reading the sources failed {where}: {exc}"
+            if not self.first_chunks_checked.is_set():
+                self.start_problem = self.reader_error
+        self.first_chunks_checked.set()
         self.chunks_read = count
         self.chunks.put(None)
         os.write(self.wake_w, b"e")
@@ -302,26 +406,23 @@ class Daemon:
         except (EOFError, OSError):
             return  # it died; its sentinel reports that
         if message == WANT:
+            if slot.chunk is not None:
+                self._chunk_done(slot.chunk)
             slot.chunk, slot.idle = None, True
         elif message.startswith(ERROR):
-            self.ring.fail(message[len(ERROR):].decode(errors="replace"))
+            self._fail(message[len(ERROR):].decode(errors="replace"))
 
     def _dispatch(self) -> None:
         """Give every idle producer its next chunk: first any chunk a dead predecessor left, else the next one read."""
+        self._check_first_pass()
         for slot in self.producers:
             if not slot.idle:
                 continue
             if slot.redo:
                 chunk, skip = slot.redo.pop(0)
-            elif self.sources_done:
-                continue
             else:
-                try:
-                    chunk = self.chunks.get_nowait()
-                except queue.Empty:
-                    continue
+                chunk = self._next_chunk()
                 if chunk is None:
-                    self._end_of_sources()
                     continue
                 skip = self.first_skip[1] if chunk.id == self.first_skip[0] else 0
             try:
@@ -330,17 +431,81 @@ class Daemon:
                 slot.redo.insert(0, (chunk, skip))  # it died meanwhile; its replacement gets it
                 continue
             slot.chunk, slot.skip, slot.idle = chunk, skip, False
-        if self.sources_done and self.ring.state == State.RUNNING and all(s.idle and not s.redo for s in self.producers):
+        self._check_first_pass()
+        if (self.sources_done and self.first_pass.epoch is None and self.ring.state == State.RUNNING
+                and all(s.idle and not s.redo for s in self.producers)):
             self.ring.set_state(State.FINISHED)
+
+    def _next_chunk(self) -> Chunk | None:
+        """The next chunk read, if there is one now. A chunk after the first pass waits until that pass is
+        checked, so that the producers' counters at the check are the first pass's alone (a one-time wait
+        of at most one chunk's work, at the end of the first pass)."""
+        if self.held is None and not self.sources_done:
+            try:
+                chunk = self.chunks.get_nowait()
+            except queue.Empty:
+                return None
+            self._took(chunk)
+            if chunk is None:
+                self._end_of_sources()
+                return None
+            self.held = chunk
+        chunk = self.held
+        if chunk is None or (self.first_pass.epoch is not None and chunk.epoch > self.first_pass.epoch):
+            return None
+        self.held = None
+        return chunk
 
     def _end_of_sources(self) -> None:
         self.sources_done = True
         if self.reader_error:
-            self.ring.fail(self.reader_error)
-            return
+            self._fail(self.reader_error)
+        elif self.first_pass.epoch is None:
+            self._publish_end()
+        # else the end is published once the first pass is checked: no consumer may see an empty pass end
+
+    def _publish_end(self) -> None:
         self.ring.set(Word.END_CHUNK, self.chunks_read)
         self.sems.ring_all()
         log.info("ring %s: all %d chunks read", self.name, self.chunks_read)
+
+    # -- the first-pass check ----------------------------------------------------------------
+    def _took(self, chunk: Chunk | None) -> None:
+        """Note a chunk taken from the reader (None: the end of the sources)."""
+        check = self.first_pass
+        if check.epoch is None:
+            return
+        if chunk is None or chunk.epoch > check.epoch:
+            check.read = True
+        elif chunk.epoch == check.epoch:
+            check.outstanding.add(chunk.id)
+            check.chunks += 1
+
+    def _chunk_done(self, chunk: Chunk) -> None:
+        """Note a chunk whose batches are all published (or that its producer finished before dying)."""
+        self.first_pass.outstanding.discard(chunk.id)
+
+    def _check_first_pass(self) -> None:
+        """Once every chunk of the first pass is done: fail if not one batch came out of it."""
+        check = self.first_pass
+        if check.epoch is None or not check.read or check.outstanding:
+            return
+        check.epoch = None
+        if check.chunks and self._totals()[0] == 0:
+            self._fail(self._no_batch_message(check.chunks))
+        elif self.sources_done:
+            self._publish_end()
+
+    def _no_batch_message(self, chunks: int) -> str:
+        ring, recipe = self.ring, self.recipe
+        total = {key: sum(ring.get(ring.lane_word(p, word)) for p in range(ring.geometry.producers))
+                 for key, word in STAT_WORDS.items()}
+        return (f"no batch came out of the first pass over the sources ({'; '.join(map(_listing, self.files))}): "
+                f"its {_count(chunks, 'chunk')} held {_count(total['examples'], 'usable record')} and "
+                f"{_count(total['bad_records'], 'bad record')} (the first bad ones are in the log); the rows of a "
+                f"chunk that do not fill whole batches of {recipe.batch_size} for each of {recipe.dealt_ranks} "
+                f"rank(s) are dropped: {total['tokens_dropped']:,} tokens, {total['examples_dropped']:,} examples. "
+                "Fix the source (format, field), add data, lower batch_size or raise chunk_bytes")
 
     def _on_exit(self, slot: ProducerSlot) -> None:
         slot.process.join()
@@ -352,8 +517,8 @@ class Daemon:
         if code == 0 and slot.chunk is None:
             return
         if slot.restarts >= self.recipe.max_restarts:
-            ring.fail(f"producer {slot.lane} died (exit code {code}) {slot.restarts + 1} times; "
-                      f"giving up (max_restarts: {self.recipe.max_restarts}); see the daemon's log")
+            self._fail(f"producer {slot.lane} died (exit code {code}) {slot.restarts + 1} times; "
+                       f"giving up (max_restarts: {self.recipe.max_restarts}); see the daemon's log")
             return
         slot.restarts += 1
         ring.set(ring.lane_word(slot.lane, LaneWord.RESTARTS), slot.restarts)
@@ -363,6 +528,8 @@ class Daemon:
         if slot.chunk is not None and not self._finished(lanes, slot.chunk.id):
             # Past what it published, and never before what it was told to skip (a resumed chunk).
             slot.redo.insert(0, (slot.chunk, max(slot.skip, self._published_of(lanes, slot.chunk.id))))
+        elif slot.chunk is not None:
+            self._chunk_done(slot.chunk)
         log.warning("ring %s: producer %d died (exit code %s); restarting it (%d/%d)%s", self.name, slot.lane, code,
                     slot.restarts, self.recipe.max_restarts,
                     f", redoing chunk {slot.chunk.id}" if slot.chunk else "")
@@ -382,6 +549,24 @@ class Daemon:
         """True if every rank's lane has published its flagged last batch of the chunk."""
         newest = [last_published(self.ring, lane) for lane in lanes]
         return all(n and n[0] == chunk_id and n[2] for n in newest)
+
+
+def _listing(files: list[str], shown: int = 3) -> str:
+    """A source's files for a message: the first few, and how many more."""
+    return ", ".join(files[:shown]) + (f" and {len(files) - shown} more" if len(files) > shown else "")
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n:,} {thing}{'' if n == 1 else 's'}"
+
+
+def _log_destination() -> str | None:
+    """The file this process's stderr goes to (the daemon's log when started detached or from Python)."""
+    try:
+        target = os.readlink("/proc/self/fd/2")
+    except OSError:
+        return None
+    return target if os.path.isfile(target) else None
 
 
 # -- ring housekeeping, used by the daemon and the CLI -----------------------------------------
@@ -457,14 +642,14 @@ def launch(recipe_path: str, name: str, producers: int | None = None, log_path: 
     if resume_path:
         command += ["--resume", resume_path]
     log_path = log_path or log_file(name)
+    logged_before = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as out:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=detach)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         code = process.poll()
         if code is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise RingError(f"`ringload start` for ring {name!r} exited with code {code}:\n  " + "\n  ".join(tail))
+            raise RingError(_why_start_ended(name, code, log_path, logged_before))
         if name in list_ring_names():
             try:
                 ring = Ring.attach(name)
@@ -480,8 +665,19 @@ def launch(recipe_path: str, name: str, producers: int | None = None, log_path: 
     raise RingError(f"ring {name!r} was not ready within {ready_timeout:.0f} s; see {log_path}")
 
 
+def _why_start_ended(name: str, code: int, log_path: Path, logged_before: int) -> str:
+    """Why a `ringload start` child ended before its ring was ready: its one-line error (the CLI's
+    last `ringload: ...` line), or else the end of what it wrote to the log."""
+    with open(log_path, "rb") as log_stream:
+        log_stream.seek(logged_before)
+        lines = log_stream.read().decode(errors="replace").strip().splitlines()
+    errors = [line.removeprefix("ringload: ") for line in lines if line.startswith("ringload: ")]
+    if errors:
+        return f"{errors[-1]} (log: {log_path})"
+    return f"`ringload start` for ring {name!r} exited with code {code}:\n  " + "\n  ".join(lines[-5:])
+
+
 def log_file(name: str) -> Path:
-    directory = Path(tempfile.gettempdir()) / f"ringload-{os.getuid()}"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    return directory / f"{validate_name(name)}.log"
+    """Where a daemon started detached or from Python writes its log."""
+    return run_dir() / f"{validate_name(name)}.log"
 

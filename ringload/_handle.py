@@ -62,7 +62,7 @@ def start(recipe: str | os.PathLike[str] | dict[str, Any] | Recipe, name: str | 
     else:
         parsed = load_recipe(recipe)
     parsed = parsed.replace(world_size=world_size, nnodes=nnodes, node_rank=node_rank)
-    ring_name = validate_name(name or parsed.name)
+    ring_name = validate_name(name if name is not None else parsed.name)
     log_path = log_file(ring_name)
     recipe_path = log_path.with_suffix(".recipe.yaml")
     recipe_path.write_text(yaml.safe_dump(parsed.to_dict(), sort_keys=False))

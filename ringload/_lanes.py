@@ -28,6 +28,7 @@ same line)::
     line 2  producer:  batches | examples | tokens | bad_records | tokens_dropped | chunks | current_chunk
                        | labels_unknown
     line 3  daemon:    pid | restarts | exitcode;  producer: examples_dropped | documents_cut
+                       | records_truncated
     line 4  producer:  work_ns | wait_chunk_ns | wait_slot_ns (where its time went, cumulative)
                        | chunk_started_ns (wall clock) | chunk_bytes (of the current chunk)
                        | stage (which of the first three words the time since stage_since_ns
@@ -93,6 +94,7 @@ class LaneWord:
     EXITCODE = 26
     EXAMPLES_DROPPED = 27
     DOCUMENTS_CUT = 28
+    RECORDS_TRUNCATED = 29
     WORK_NS = 32
     WAIT_CHUNK_NS = 33
     WAIT_SLOT_NS = 34
@@ -112,6 +114,7 @@ STAT_WORDS = {
     "examples_dropped": LaneWord.EXAMPLES_DROPPED,
     "labels_unknown": LaneWord.LABELS_UNKNOWN,
     "documents_cut": LaneWord.DOCUMENTS_CUT,
+    "records_truncated": LaneWord.RECORDS_TRUNCATED,
     "chunks": LaneWord.CHUNKS,
 }
 

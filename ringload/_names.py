@@ -1,9 +1,11 @@
-"""Names of a ring's POSIX objects, and which rings exist on this machine."""
+"""Names of a ring's POSIX objects and files, and which rings exist on this machine."""
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
+from pathlib import Path
 
 from ._errors import RingError
 
@@ -14,12 +16,22 @@ _VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it is safe to embed in a POSIX object name, else raise."""
+    if name == "":
+        raise RingError("invalid ring name '': the ring name is empty; give 1-63 characters from letters, digits, "
+                        "'_', '.', '-' (or leave --name out to use the recipe's name)")
     if not isinstance(name, str) or not _VALID_NAME.match(name) or ".." in name:
         raise RingError(
             f"invalid ring name {name!r}: use 1-63 characters from letters, digits, '_', '.', '-', "
             "starting with a letter or digit, and no '..'"
         )
     return name
+
+
+def run_dir() -> Path:
+    """This user's folder for daemon logs and failure records (created private, mode 0700)."""
+    directory = Path(tempfile.gettempdir()) / f"ringload-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory
 
 
 def shm_name(ring: str) -> str:

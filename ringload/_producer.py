@@ -26,7 +26,6 @@ working (parsing, tokenizing, shaping, writing), waiting for a chunk and waiting
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import signal
 import struct
@@ -42,7 +41,7 @@ from ._lanes import LaneWord, LaneWriter, Semaphores
 from ._errors import RingError
 from ._layout import Ring, State, Word
 from ._recipe import parse_recipe
-from ._sources import Chunk, Hooks, parse_records
+from ._sources import BadRecord, Chunk, Hooks, bad_record_stop, parse_records, record_origin
 from ._tasks import PendingBatch, build_task
 
 CHUNK_HEADER = struct.Struct("<10q")
@@ -78,7 +77,9 @@ class Producer:
         self.writers = [LaneWriter(self.ring, self.sems, self.ring.rank_lanes(r)[lane]) for r in range(ranks)]
         self.dealt_ranks = self.recipe.dealt_ranks
         self.first_rank = self.recipe.first_dealt_rank  # which of them is this node's local rank 0
-        self.bad_logged = 0
+        self.bad_logged = self.truncated_logged = 0
+        self.chunk: Chunk | None = None  # the chunk being worked on
+        self.finished: int | None = None  # the id of the last chunk finished
         self._stage(LaneWord.WORK_NS, time.monotonic_ns())
         # Batches tokenized ahead of a full lane: enough for a whole chunk, within LOOKAHEAD_BYTES.
         self.lookahead = max(2 * self.dealt_ranks, LOOKAHEAD_BYTES // self.ring.slot_size)
@@ -113,20 +114,36 @@ class Producer:
             except EOFError:
                 return  # the daemon closed the pipe: shutting down
             self._spent(LaneWord.WAIT_CHUNK_NS, LaneWord.WORK_NS)
-            chunk, skip = decode_chunk(message)
-            self.process(chunk, skip)
+            self.chunk, skip = decode_chunk(message)
+            self.process(self.chunk, skip)
+            self.chunk, self.finished = None, self.chunk.id
+
+    def whereabouts(self) -> str:
+        """Where this producer stands, in words, for its failure message."""
+        if self.chunk is not None:
+            chunk = self.chunk
+            return (f"while on chunk {chunk.id} ({self.files[chunk.source][chunk.file_index]} from line {chunk.line}"
+                    f"{f', shuffle part {chunk.part}' if self.recipe.shuffle else ''})")
+        if self.finished is None:
+            return "before its first chunk"
+        return f"after finishing chunk {self.finished}"
+
+    def stopping(self) -> bool:
+        """True once the ring is being stopped (or has failed) or the daemon is gone: then a broken pipe
+        or an abandoned wait is the shutdown, not a failure of this producer."""
+        return not self._keep_waiting()
 
     def process(self, chunk: Chunk, skip: int) -> None:
         """Publish this node's batches of the chunk from index ``skip`` on (the dealing rule is in ``_lanes``)."""
-        path, numbered = self.files[chunk.source][chunk.file_index], chunk
-        if self.recipe.shuffle:  # records were permuted: number them within this chunk instead
-            path = f"{path} (shuffle window from line {chunk.line}, part {chunk.part}; lines of that part)"
-            numbered = dataclasses.replace(chunk, line=1)
+        path, numbered = record_origin(chunk, self.files, bool(self.recipe.shuffle))
         unknown_before = self.task.labels_unknown
         records, bad = parse_records(numbered, self.recipe.sources[chunk.source], path, self.task.convert_label,
-                                     self.hooks[chunk.source])
+                                     self.hooks[chunk.source], self.recipe.max_record_bytes,
+                                     self.recipe.on_long_record)
         if bad:
             self._report_bad(bad)
+        if records.truncated:
+            self._report_truncated(records.truncated)
         self._stat(LaneWord.CURRENT_CHUNK, chunk.id)
         self._stat(LaneWord.CHUNK_BYTES, len(chunk.payload))
         self._stat(LaneWord.CHUNK_STARTED_NS, time.time_ns())
@@ -184,13 +201,19 @@ class Producer:
         self._add(LaneWord.BATCHES, 1)
         self._add(LaneWord.TOKENS, batch.tokens)
 
-    def _report_bad(self, bad: list) -> None:
+    def _report_bad(self, bad: list[BadRecord]) -> None:
         self._add(LaneWord.BAD_RECORDS, len(bad))
         if self.recipe.on_bad_record == "fail":
-            raise ValueError(f"bad record at {bad[0]} (set on_bad_record: skip in the recipe to skip such records)")
+            raise bad_record_stop(bad[0])
         for record in bad[: max(0, BAD_RECORDS_LOGGED - self.bad_logged)]:
             print(f"ringload producer {self.lane}: skipped bad record {record}", file=sys.stderr, flush=True)
         self.bad_logged += len(bad)
+
+    def _report_truncated(self, truncated: list[BadRecord]) -> None:
+        self._add(LaneWord.RECORDS_TRUNCATED, len(truncated))
+        for record in truncated[: max(0, BAD_RECORDS_LOGGED - self.truncated_logged)]:
+            print(f"ringload producer {self.lane}: truncated record {record}", file=sys.stderr, flush=True)
+        self.truncated_logged += len(truncated)
 
 
 def _attach_when_created(ring_name: str, daemon_pid: int) -> tuple[Ring, Semaphores]:
@@ -253,14 +276,21 @@ def producer_main(ring_name: str, lane: int, conn: Connection, recipe: dict[str,
                   daemon_pid: int) -> None:
     """Entry point of a spawned producer process."""
     _die_with_parent(daemon_pid)
+    # Ctrl-C on a foreground `ringload start` reaches the whole process group; the daemon stops the producers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    producer = None
     try:
-        Producer(ring_name, lane, conn, recipe, files).run()
+        producer = Producer(ring_name, lane, conn, recipe, files)
+        producer.run()
     except InterruptedError:
         return  # the ring is stopping or the daemon is gone
     except BaseException as exc:  # report anything, even KeyboardInterrupt, before exiting non-zero
+        if producer is not None and producer.stopping():
+            return  # e.g. the daemon closed the pipe on its way out: a clean stop, not a failure
         frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame else ""
-        message = f"producer {lane} (pid {os.getpid()}) failed: {type(exc).__name__}: {exc}{where}"
+        at = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame else ""
+        where = producer.whereabouts() if producer is not None else "before its first chunk"
+        message = f"producer {lane} (pid {os.getpid()}) failed {where}: {type(exc).__name__}: {exc}{at}"
         try:
             conn.send_bytes(ERROR + message.encode())
         except OSError:

@@ -23,6 +23,7 @@ MAX_CHUNK_SCALE = 16
 MAX_SOURCES = 8
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted")
 NODE_SHARDING = ("batches", "chunks", "files")
+LONG_RECORD_POLICIES = ("skip", "truncate", "fail")
 ASSETS_ENV = "RINGLOAD_ASSETS"
 _HOOK = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
@@ -63,6 +64,8 @@ class Recipe:
     max_batches: int | None = None  # the consumer stops after this many (after the skipped ones)
     chunk_bytes: int | None = None  # None: DEFAULT_CHUNK_BYTES times the global ranks (up to 16)
     on_bad_record: str = "skip"
+    max_record_bytes: int | None = None  # a record (line, paragraph, csv row) longer than this is handled by:
+    on_long_record: str = "skip"  # skip (a bad record), truncate (texts cut to max_record_bytes), fail
     max_restarts: int = 3
     world_size: int = 1  # consumer ranks this node's ring serves (torchrun's --nproc-per-node)
     nnodes: int = 1  # nodes, each running its own daemon over the same recipe
@@ -173,6 +176,8 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         max_batches=_typed(data, "max_batches", int, None, origin),
         chunk_bytes=_typed(data, "chunk_bytes", int, None, origin),
         on_bad_record=_typed(data, "on_bad_record", str, "skip", origin),
+        max_record_bytes=_typed(data, "max_record_bytes", int, None, origin),
+        on_long_record=_typed(data, "on_long_record", str, "skip", origin),
         max_restarts=_typed(data, "max_restarts", int, 3, origin),
         world_size=_typed(data, "world_size", int, 1, origin),
         nnodes=_typed(data, "nnodes", int, 1, origin),
@@ -190,6 +195,11 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         (recipe.skip_batches >= 0, "skip_batches", "must be >= 0"),
         (recipe.max_batches is None or recipe.max_batches >= 1, "max_batches", "must be at least 1"),
         (recipe.on_bad_record in ("skip", "fail"), "on_bad_record", "must be skip or fail"),
+        (recipe.max_record_bytes is None or recipe.max_record_bytes >= 1, "max_record_bytes",
+         "must be a number of bytes >= 1 (omit it for no cap)"),
+        (recipe.on_long_record in LONG_RECORD_POLICIES, "on_long_record", f"must be {', '.join(LONG_RECORD_POLICIES)}"),
+        (recipe.on_long_record == "skip" or recipe.max_record_bytes is not None, "on_long_record",
+         "applies to records longer than max_record_bytes, which is not set"),
         (recipe.max_restarts >= 0, "max_restarts", "must be >= 0"),
         (1 <= recipe.world_size <= 64, "world_size", "must be 1..64 ranks per node"),
         (recipe.nnodes >= 1, "nnodes", "must be at least 1"),

@@ -68,6 +68,18 @@ class Chunk:
         return self.epoch, self.file_index, self.offset, self.line, self.part, self.source, self.lap, self.pick
 
 
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that was skipped (or, in ``Records.truncated``, shortened), where it is and why."""
+
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
 @dataclass
 class Records:
     """A chunk's examples: texts, optional second texts (pairs) and optional labels."""
@@ -75,19 +87,26 @@ class Records:
     texts: list[str] = field(default_factory=list)
     pairs: list[str] | None = None
     labels: list[Any] | None = None
+    truncated: list[BadRecord] = field(default_factory=list)  # examples cut to max_record_bytes
 
     def __len__(self) -> int:
         return len(self.texts)
 
 
-@dataclass(frozen=True)
-class BadRecord:
-    path: str
-    line: int
-    reason: str
+def bad_record_stop(record: BadRecord) -> ValueError:
+    """The error that stops a ring at its first bad record (``on_bad_record: fail``)."""
+    return ValueError(f"bad record at {record} (set on_bad_record: skip in the recipe to skip such records)")
 
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
+
+def record_origin(chunk: Chunk, files: list[list[str]], shuffled: bool) -> tuple[str, Chunk]:
+    """The file name and the chunk to number lines from, for messages about the chunk's records.
+
+    Shuffled records come from a permuted window, so they are numbered within their chunk."""
+    path = files[chunk.source][chunk.file_index]
+    if not shuffled:
+        return path, chunk
+    return (f"{path} (shuffle window from line {chunk.line}, part {chunk.part}; lines of that part)",
+            dataclasses.replace(chunk, line=1))
 
 
 def expand_paths(source: Source) -> list[str]:
@@ -354,20 +373,34 @@ def import_hook(spec: str | None, key: str) -> Callable[..., Any] | None:
 
 
 def parse_records(chunk: Chunk, source: Source, path: str, convert_label: Callable[[Any], Any] | None = None,
-                  hooks: Hooks = Hooks()) -> tuple[Records, list[BadRecord]]:
+                  hooks: Hooks = Hooks(), max_record_bytes: int | None = None,
+                  on_long_record: str = "skip") -> tuple[Records, list[BadRecord]]:
     """Split a chunk into examples; records that cannot be read become ``BadRecord``s.
 
     ``hooks`` filter and rewrite each raw record (a dict) first. ``convert_label`` (from the task)
     turns a raw label into what the task stores, raising ``ValueError`` for a label it cannot use,
-    which makes the record bad.
+    which makes the record bad. A record (line, paragraph or csv row as stored) longer than
+    ``max_record_bytes`` is bad (``on_long_record: skip``) or raises ``ValueError`` (``fail``);
+    under ``truncate`` its texts are cut to that many bytes and it is listed in ``truncated``.
     """
-    rows = _csv_rows(chunk, source, path) if source.format in ("csv", "tsv") else _line_rows(chunk, source)
+    limit = max_record_bytes if on_long_record != "truncate" else None
+    if source.format in ("csv", "tsv"):
+        rows = _csv_rows(chunk, source, path, limit)
+    else:
+        rows = _line_rows(chunk, source, limit)
     if hooks.keep or hooks.change:
         rows = _hooked(rows, hooks)
     wants_pair, wants_label = source.pair_field is not None, source.label_field is not None
     records = Records(pairs=[] if wants_pair else None, labels=[] if wants_label else None)
+    cut_at = max_record_bytes if on_long_record == "truncate" else None
     bad: list[BadRecord] = []
     for number, row in rows:
+        if isinstance(row, _TooLong):
+            reason = f"record of {row.size:,} bytes is longer than max_record_bytes ({max_record_bytes:,})"
+            if on_long_record == "fail":
+                raise ValueError(f"{path}:{number}: {reason} (on_long_record: fail; set it to skip or truncate "
+                                 "in the recipe to go on without such records)")
+            row = reason
         if isinstance(row, str):  # a reason the row could not even be decoded
             bad.append(BadRecord(path, number, row))
             continue
@@ -384,12 +417,36 @@ def parse_records(chunk: Chunk, source: Source, path: str, convert_label: Callab
         except ValueError as exc:
             bad.append(BadRecord(path, number, str(exc)))
             continue
+        if cut_at is not None:
+            text, pair, note = _truncated(text, pair, source, cut_at)
+            if note:
+                records.truncated.append(BadRecord(path, number, note))
         records.texts.append(text)
         if wants_pair:
             records.pairs.append(pair)
         if wants_label:
             records.labels.append(label)
     return records, bad
+
+
+@dataclass(frozen=True)
+class _TooLong:
+    """A raw record longer than ``max_record_bytes``, left undecoded."""
+
+    size: int
+
+
+def _truncated(text: str, pair: str | None, source: Source, limit: int) -> tuple[str, str | None, str | None]:
+    """``text`` and ``pair`` cut to at most ``limit`` bytes of UTF-8 each, at a character boundary,
+    and a note saying what was cut (None if nothing was)."""
+    notes, kept = [], []
+    for name, value in ((source.field, text), (source.pair_field, pair)):
+        encoded = b"" if value is None else value.encode("utf-8", "surrogatepass")
+        if len(encoded) > limit:
+            notes.append(f"field {name!r} of {len(encoded):,} bytes")
+            value = encoded[:limit].decode("utf-8", "ignore")  # drops only a character that the cut split
+        kept.append(value)
+    return kept[0], kept[1], f"{' and '.join(notes)} cut to max_record_bytes ({limit:,})" if notes else None
 
 
 def _hooked(rows: Iterator[tuple[int, Any]], hooks: Hooks) -> Iterator[tuple[int, Any]]:
@@ -414,20 +471,30 @@ def _text_of(row: dict[str, Any], key: str) -> str:
         raise ValueError(f"field {key!r} is {why}")
     if not value.strip():
         raise ValueError(f"field {key!r} is empty")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")  # JSON may escape half of a surrogate pair; no tokenizer takes that
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"field {key!r} holds an unpaired surrogate (\\u{ord(value[exc.start]):04x}) at "
+                             f"character {exc.start}") from None
     return value
 
 
-def _line_rows(chunk: Chunk, source: Source) -> Iterator[tuple[int, dict[str, Any] | str | None]]:
+def _line_rows(chunk: Chunk, source: Source,
+               limit: int | None) -> Iterator[tuple[int, dict[str, Any] | str | _TooLong | None]]:
     """(line number, row) for line formats; a row is a dict, None to skip, or a str saying why it is bad."""
     lines = chunk.payload.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()
     if source.format == "text" and source.text_unit == "paragraph":
-        yield from _paragraphs(lines, chunk.line, source.field)
+        yield from _paragraphs(lines, chunk.line, source.field, limit)
         return
     for number, raw in enumerate(lines, chunk.line):
         if not raw.strip():
             yield number, None  # blank lines separate nothing in these formats; they are not examples
+            continue
+        if limit is not None and len(raw) > limit:
+            yield number, _TooLong(len(raw))
             continue
         try:
             line = raw.decode("utf-8")
@@ -450,7 +517,8 @@ def _line_rows(chunk: Chunk, source: Source) -> Iterator[tuple[int, dict[str, An
             yield number, obj
 
 
-def _paragraphs(lines: list[bytes], first: int, field_name: str) -> Iterator[tuple[int, dict[str, Any] | str | None]]:
+def _paragraphs(lines: list[bytes], first: int, field_name: str,
+                limit: int | None) -> Iterator[tuple[int, dict[str, Any] | str | _TooLong | None]]:
     """Blank-line-separated paragraphs, each one example (its lines joined by newlines)."""
     start, block = first, []
     for number, raw in enumerate([*lines, b""], first):
@@ -460,31 +528,93 @@ def _paragraphs(lines: list[bytes], first: int, field_name: str) -> Iterator[tup
             block.append(raw.rstrip(b"\r"))
             continue
         if block:
+            paragraph = b"\n".join(block)
+            block = []
+            if limit is not None and len(paragraph) > limit:
+                yield start, _TooLong(len(paragraph))
+                continue
             try:
-                yield start, {field_name: b"\n".join(block).decode("utf-8")}
+                yield start, {field_name: paragraph.decode("utf-8")}
             except UnicodeDecodeError as exc:
                 yield start, f"invalid UTF-8 at byte {exc.start} of the paragraph"
-            block = []
 
 
-def _csv_rows(chunk: Chunk, source: Source, path: str) -> Iterator[tuple[int, dict[str, Any] | str | None]]:
-    try:
-        text = chunk.payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = chunk.line + chunk.payload[:exc.start].count(b"\n") - 1
-        yield line, f"invalid UTF-8 at byte {exc.start} (the rest of this chunk is skipped)"
-        return
+def _csv_rows(chunk: Chunk, source: Source, path: str,
+              limit: int | None) -> Iterator[tuple[int, dict[str, Any] | str | _TooLong | None]]:
+    """(line number, row) of a csv/tsv chunk, whose first line is the file's header.
+
+    The whole chunk is decoded and parsed at once; if some record is not valid UTF-8 or not valid
+    csv (or records must be measured against ``limit``), it is split into records first (a record
+    ends at a newline after an even number of quote characters, as chunks do) and each is decoded
+    and parsed on its own, so a broken record costs only itself."""
     tsv = source.format == "tsv"
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
-                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-    missing = [k for k in (source.field, source.pair_field, source.label_field) if k and k not in (reader.fieldnames or [])]
-    if missing:
-        raise ValueError(f"{path}: column {missing[0]!r} is not in the header ({', '.join(reader.fieldnames or [])}); "
-                         "set source.field / pair_field / label_field to one of these")
-    start = 2
+    dialect = {"delimiter": "\t" if tsv else ",", "quoting": csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL}
+    header_end = chunk.payload.find(b"\n") + 1 or len(chunk.payload)
     try:
-        for row in reader:
-            yield chunk.line + start - 2, row if any(row.values()) else None
-            start = reader.line_num + 1
-    except csv.Error as exc:
-        yield chunk.line + reader.line_num - 2, f"malformed {source.format} ({exc}); the rest of this chunk is skipped"
+        header_line = chunk.payload[:header_end].decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}:1: the header line is not valid UTF-8 (byte {exc.start})") from None
+    header = next(csv.reader(io.StringIO(header_line, newline=""), **dialect), [])
+    missing = [k for k in (source.field, source.pair_field, source.label_field) if k and k not in header]
+    if missing:
+        raise ValueError(f"{path}: column {missing[0]!r} is not in the header ({', '.join(header)}); "
+                         "set source.field / pair_field / label_field to one of these")
+    body = chunk.payload[header_end:]
+    whole = _csv_parsed_whole(body, header, dialect, chunk.line) if limit is None else None
+    if whole is not None:
+        yield from whole
+        return
+    for offset, raw in _csv_records(body, quoted=not tsv):
+        number = chunk.line + offset
+        if limit is not None and len(raw) > limit:
+            yield number, _TooLong(len(raw))
+            continue
+        try:
+            fields = next(csv.reader(io.StringIO(raw.decode("utf-8"), newline=""), **dialect), [])
+        except UnicodeDecodeError as exc:
+            yield number, f"invalid UTF-8 at byte {exc.start} of the record"
+            continue
+        except csv.Error as exc:
+            yield number, f"malformed {source.format} ({exc})"
+            continue
+        yield number, _csv_row(fields, header)
+
+
+def _csv_parsed_whole(body: bytes, header: list[str], dialect: dict[str, Any],
+                      first_line: int) -> list[tuple[int, dict[str, Any] | str | None]] | None:
+    """The rows of a csv/tsv body decoded and parsed in one go, or None if a record is broken."""
+    try:
+        reader = csv.reader(io.StringIO(body.decode("utf-8"), newline=""), **dialect)
+        rows, consumed = [], 0
+        for fields in reader:
+            rows.append((first_line + consumed, _csv_row(fields, header)))
+            consumed = reader.line_num
+        return rows
+    except (UnicodeDecodeError, csv.Error):
+        return None
+
+
+def _csv_row(fields: list[str], header: list[str]) -> dict[str, Any] | str | None:
+    if not any(fields):
+        return None  # a blank line, or a row of empty fields: not an example
+    if len(fields) != len(header):
+        return f"{len(fields)} fields where the header has {len(header)}"
+    return dict(zip(header, fields))
+
+
+def _csv_records(body: bytes, quoted: bool) -> Iterator[tuple[int, bytes]]:
+    """(line offset, bytes) of each record of a csv/tsv body; in csv a quoted field may hold newlines."""
+    lines = body.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    first, pending, quotes = 0, [], 0
+    for offset, line in enumerate(lines):
+        if not pending:
+            first = offset
+        pending.append(line)
+        quotes += line.count(b'"') if quoted else 0
+        if quotes % 2 == 0:
+            yield first, b"\n".join(pending)
+            pending, quotes = [], 0
+    if pending:
+        yield first, b"\n".join(pending)

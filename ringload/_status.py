@@ -1,4 +1,7 @@
-"""Reading a live ring for people and scripts: status snapshots and batch peeks."""
+"""Reading a live ring for people and scripts: status snapshots and batch peeks.
+
+A ring that failed and was removed still has a snapshot, from its failure record (``_failures``):
+``state`` "failed", ``error``, ``daemon_pid``, ``removed`` true, ``failed_at`` and ``log``."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import RingError
+from ._failures import attach_or_explain, failed_names, failure_instead_of, read_failure
 from ._lanes import STAT_WORDS, LaneWord
 from ._layout import ConsumerWord, Ring, SlotWord, State, Word, read_position
 from ._names import list_ring_names, pid_alive
@@ -16,13 +20,19 @@ from ._names import list_ring_names, pid_alive
 def ring_status(name: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """A JSON-able snapshot of a ring: state, position, fill, rates, every producer's counters, and
     where each stage's time goes (``stages``: since the ring started, or since ``previous``, an
-    earlier snapshot of the same ring)."""
-    ring = Ring.attach(name)
+    earlier snapshot of the same ring). A ring that failed and was removed gives its failure record."""
+    try:
+        ring = Ring.attach(name)
+    except RingError:
+        failure = failure_instead_of(name)
+        if failure is None:
+            raise
+        return _removed_snapshot(failure)
     try:
         snapshot = _snapshot(ring)
     finally:
         ring.close()
-    snapshot["stages"] = stage_shares(snapshot, previous)
+    snapshot["stages"] = stage_shares(snapshot, previous if previous and not previous["removed"] else None)
     return snapshot
 
 
@@ -64,6 +74,7 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
         "name": ring.name,
         "state": ring.state.name.lower(),
         "error": ring.error or None,
+        "removed": False,
         "daemon_pid": daemon_pid,
         "daemon_alive": pid_alive(daemon_pid),
         "heartbeat_age_s": round(time.time() - get(Word.HEARTBEAT_NS) / 1e9, 3),
@@ -164,12 +175,22 @@ def _packing(producers: list[dict[str, Any]], g: Any) -> dict[str, float | None]
         "padding_ratio": round(1 - sum(p["tokens"] for p in producers) / row_tokens, 4) if row_tokens else None,
         "truncation_ratio": round(sum(p["documents_cut"] for p in producers) / examples, 4) if examples else None,
     }
+def _removed_snapshot(failure: dict[str, Any]) -> dict[str, Any]:
+    return {"name": failure.get("name"), "state": "failed", "error": failure["error"], "removed": True,
+            "daemon_pid": failure.get("daemon_pid"), "daemon_alive": False, "failed_at": failure.get("failed_at"),
+            "log": failure.get("log")}
 
 
 def list_rings() -> list[dict[str, Any]]:
-    """Every ring in /dev/shm with its daemon pid and whether that daemon is alive."""
+    """Every ring in /dev/shm with its daemon pid and whether that daemon is alive, and the rings that
+    failed and were removed (``removed``: true, with their ``error``)."""
     rings = []
-    for name in list_ring_names():
+    present = list_ring_names()
+    for name in failed_names():
+        failure = read_failure(name)
+        if name not in present and failure is not None:
+            rings.append({**_removed_snapshot(failure), "name": name, "alive": False})
+    for name in present:
         try:
             ring = Ring.attach(name)
         except RingError as exc:
@@ -179,12 +200,12 @@ def list_rings() -> list[dict[str, Any]]:
         rings.append({"name": name, "state": ring.state.name.lower(), "daemon_pid": pid, "alive": pid_alive(pid),
                       "bytes": ring.total_size})
         ring.close()
-    return rings
+    return sorted(rings, key=lambda r: r["name"])
 
 
 def peek(name: str, k: int = 0, timeout: float = 10.0, rank: int = 0) -> dict[str, Any]:
     """Copy the ``k``-th published batch after rank ``rank``'s position, without consuming it."""
-    ring = Ring.attach(name)
+    ring = attach_or_explain(name)
     try:
         if not 0 <= rank < ring.geometry.ranks:
             raise RingError(f"ring {name!r} serves ranks 0..{ring.geometry.ranks - 1}, not {rank}")

@@ -85,11 +85,14 @@ class ResumePoint:
 
 def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | None = None,
                 on_error: Callable[[SourceError], None] | None = None,
-                meter: SourceMeter | None = None, split_long_records: bool = False) -> Iterator[Chunk]:
+                meter: SourceMeter | None = None, split_long_records: bool = False,
+                first_chunks: Callable[[list[Chunk | None]], None] | None = None) -> Iterator[Chunk]:
     """Yield the stream's chunks, numbered from 0 (or from ``start.chunk``, which is yielded again).
 
     ``split_long_records``: the task packs documents, so records longer than a chunk are read as
-    pieces (``_sources``)."""
+    pieces (``_sources``). ``first_chunks``, if given, is called once before anything is yielded,
+    with the chunk each source gives first (None: that source gives none); every source's first
+    file is opened for it, and those chunks are then yielded in their turn, so nothing is read twice."""
     meter = meter or SourceMeter()
     resuming = start is not None and start.chunk >= 0
     chunk_ids = itertools.count(start.chunk if resuming else 0)
@@ -105,6 +108,13 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
                 next(chunks, None)  # that source's last chunk was delivered already
             laps.append([lap, chunks])
             exhausted.append(lap > 0)
+        if first_chunks is not None:
+            heads = [next(chunks, None) for _, chunks in laps]
+            for lap_state, head in zip(laps, heads):
+                if head is not None:
+                    lap_state[1] = itertools.chain([head], lap_state[1])
+            first_chunks(heads)
+            first_chunks = None
         schedule = weighted_schedule([s.weight for s in recipe.sources])
         pick = point.pick if point else 0
         for _ in range(pick):

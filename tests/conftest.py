@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from ringload._daemon import remove_ring, ring_owner
+from ringload._failures import forget_failure
 
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
@@ -76,13 +77,14 @@ def tokenizer_path(tmp_path_factory, corpus) -> str:
 
 @pytest.fixture
 def ring_name(request):
-    """A unique ring name; whatever the test leaves of that ring is removed afterwards."""
+    """A unique ring name; whatever the test leaves of that ring (its failure record too) is removed afterwards."""
     name = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
     yield name
     pid = ring_owner(name)
     if pid:
         os.kill(pid, signal.SIGKILL)
     remove_ring(name)
+    forget_failure(name)
 
 
 @pytest.fixture
