@@ -15,7 +15,9 @@ from typing import Any
 from ._errors import RecipeError
 from ._stream import ResumePoint
 
-STATE_FORMAT = "ringload-state/2"
+# Format 3: records longer than a chunk are read in pieces by packing tasks, so a format-2 state of
+# such a corpus would resume into another stream; a format-2 state is refused with that reason.
+STATE_FORMAT = "ringload-state/3"
 _NOT_STREAM = ("name", "producers", "slots", "max_restarts")
 
 
@@ -30,14 +32,17 @@ def stream_identity(header_recipe: dict[str, Any]) -> dict[str, Any]:
 
 def check_state(state: Any, identity: dict[str, Any]) -> tuple[ResumePoint, list[int], int]:
     """Validate a state against this run; return (resume point, next position, batches delivered)."""
+    if isinstance(state, dict) and state.get("format") == "ringload-state/2":
+        raise RecipeError("--resume: the state comes from an older ringload (format ringload-state/2), which read "
+                          "records longer than a chunk whole; this one reads them in pieces, so the stream after "
+                          "that state may differ. Start the run from the beginning, or resume with that version")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise RecipeError(f"--resume: not a ringload state (expected format {STATE_FORMAT!r})")
     saved = state.get("stream", {})
     differences = [f"files ({len(saved.get('files', []))} then, {len(identity['files'])} now)"
                    if saved.get("files") != identity["files"] else None]
-    old, new = saved.get("recipe", {}), identity["recipe"]
-    differences += [f"{key} ({old.get(key)!r} then, {new.get(key)!r} now)"
-                    for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    new = identity["recipe"]
+    differences += _differences(saved.get("recipe", {}), new, _recipe_defaults(new.get("task", {}).get("type")))
     differences = [d for d in differences if d]
     if differences:
         raise RecipeError("--resume: the state comes from a different stream; it differs in "
@@ -51,3 +56,29 @@ def check_state(state: Any, identity: dict[str, Any]) -> tuple[ResumePoint, list
     if len(position) != 2:
         raise RecipeError("--resume: the state is malformed")
     return resume, position, delivered
+
+
+def _recipe_defaults(task_type: str | None) -> dict[str, Any]:
+    """Every recipe key's default, the task's options included: what a key meant before it existed."""
+    import dataclasses
+
+    from ._recipe import Recipe
+    from ._tasks import task_class
+
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Recipe)
+                                if f.default is not dataclasses.MISSING}
+    defaults["task"] = dict(task_class(task_type).options) if task_type else {}
+    return defaults
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ; a key one side lacks counts as its default (a state saved before a
+    recipe key was added still resumes when the key keeps its default)."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        then, now = old.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+        if key == "task" and isinstance(then, dict) and isinstance(now, dict):
+            found += _differences(then, now, defaults.get("task", {}), "task.")
+        elif then != now:
+            found.append(f"{prefix}{key} ({then!r} then, {now!r} now)")
+    return found

@@ -122,3 +122,25 @@ def test_producer_dying_on_the_resumed_chunk_keeps_its_skip(recipe_file, ring_na
         restarts = sum(p["restarts"] for p in ringload.ring_status(ring_name)["producers"])
     assert (tmp_path / "died").exists() and restarts == 1
     assert_same_stream(reference, before + after)
+
+
+def test_a_state_older_than_a_recipe_key_still_checks_by_the_keys_default():
+    """A saved stream lacking a key added later matches when the key keeps its default, and differs otherwise;
+    a format-2 state (long records read whole) is refused with the reason."""
+    import pytest
+
+    from ringload._errors import RecipeError
+    from ringload._resume import STATE_FORMAT, check_state
+
+    saved = {"recipe": {"batch_size": 8, "task": {"type": "mlm", "seq_len": 64}}, "files": [["a.jsonl"]]}
+    state = {"format": STATE_FORMAT, "stream": saved, "delivered": 3, "next": [1, 0],
+             "resume": {"chunk": 1, "skip": 0, "epoch": 0, "pick": 1, "source": 0, "sources": [[1, 0, 0, 0, 1, 0]]}}
+    now = {"recipe": {"batch_size": 8, "on_long_record": "skip", "task": {"type": "mlm", "seq_len": 64,
+                                                                         "packing": "concat"}},
+           "files": [["a.jsonl"]]}
+    check_state(state, now)
+    changed = {**now, "recipe": {**now["recipe"], "task": {**now["recipe"]["task"], "packing": "best_fit"}}}
+    with pytest.raises(RecipeError, match="task.packing"):
+        check_state(state, changed)
+    with pytest.raises(RecipeError, match="older ringload"):
+        check_state({**state, "format": "ringload-state/2"}, now)
