@@ -275,7 +275,14 @@ class Daemon:
             target=producer_main, name=f"ringload-producer-{slot.lane}",
             args=(self.name, slot.lane, child, self.recipe.to_dict(), self.files, os.getpid()), daemon=True,
         )
-        process.start()
+        # Ctrl-C on a foreground `ringload start` reaches the whole process group, and the daemon stops
+        # the producers itself. A process started with SIGINT ignored keeps it ignored (Python installs
+        # its KeyboardInterrupt handler only over the default), so even one still importing is safe.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         child.close()
         if self.ring is not None:  # the first producers start before the ring exists; run() records them
             self.ring.set(self.ring.lane_word(slot.lane, LaneWord.PID), process.pid)

@@ -276,8 +276,6 @@ def producer_main(ring_name: str, lane: int, conn: Connection, recipe: dict[str,
                   daemon_pid: int) -> None:
     """Entry point of a spawned producer process."""
     _die_with_parent(daemon_pid)
-    # Ctrl-C on a foreground `ringload start` reaches the whole process group; the daemon stops the producers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     producer = None
     try:
         producer = Producer(ring_name, lane, conn, recipe, files)
