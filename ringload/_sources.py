@@ -132,13 +132,15 @@ class SourceError(OSError):
 
 def read_blocks(source: Source, files: list[str], order: list[int], chunk_bytes: int, stamp: Chunk,
                 resume: tuple[int, int, int] | None, on_error: Callable[[SourceError], None] | None,
-                meter: SourceMeter, split_long_records: bool = False) -> Iterator[Chunk]:
+                meter: SourceMeter, split_long_records: bool = False,
+                max_record_bytes: int | None = None) -> Iterator[Chunk]:
     """Blocks of about ``chunk_bytes`` of whole records (a block never spans two files), reading
     ``files`` in ``order``; each block copies ``stamp``'s epoch, source and lap (its id is unset).
 
     ``resume`` = (byte offset, line, part) where reading starts in the first file (``part``: pieces
     of a long record already read there). ``split_long_records``: cut records longer than
-    ``chunk_bytes`` into pieces (see the module docstring). A file that breaks off (truncated or
+    ``chunk_bytes`` into pieces (see the module docstring), except those over ``max_record_bytes``,
+    which stay whole for the producer's ``on_long_record`` policy (skip, truncate or fail). A file that breaks off (truncated or
     corrupt compression, unreadable) raises ``SourceError``, or, given ``on_error``, is reported to
     it and the rest of that file skipped."""
 
@@ -169,7 +171,8 @@ def read_blocks(source: Source, files: list[str], order: list[int], chunk_bytes:
                         break
                     payload = _complete_records(stream, payload, source)
                     at = _last_record_start(payload, source) if splits else 0
-                    pieces = _record_pieces(payload[at:], source, chunk_bytes) if splits else None
+                    long = splits and (max_record_bytes is None or len(payload) - at <= max_record_bytes)
+                    pieces = _record_pieces(payload[at:], source, chunk_bytes) if long else None
                     if pieces is None:
                         yield block(file_index, offset, line, header + payload)
                     else:  # the block ends before the long record, which follows as pieces

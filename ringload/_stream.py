@@ -127,7 +127,7 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
                     break
                 laps[j][0] += 1
                 laps[j][1] = _lap(recipe, recipe.sources[j], j, files[j], epoch, laps[j][0], None, on_error, meter,
-                                  split_long_records)
+                                  split_long_records, recipe.max_record_bytes)
                 chunk = next(laps[j][1], None)
                 if chunk is None:
                     break  # a source with no records at all
@@ -170,7 +170,7 @@ def _lap(recipe: Recipe, source: Source, index: int, files: list[str], epoch: in
     # A shuffle window starts at a record's start (see _shuffled), so its `part` is the window's.
     resume = (where[1], where[2], 0 if buffer else where[3]) if where else None
     blocks = read_blocks(source, files, order[begin:], recipe.chunk_size, stamp, resume, on_error, meter,
-                         split_long_records)
+                         split_long_records, recipe.max_record_bytes)
     if buffer:
         blocks = _shuffled(blocks, source, buffer, recipe.chunk_size, recipe.seed, where[3] if where else 0)
     if recipe.node_sharding == "chunks" and recipe.nnodes > 1:
