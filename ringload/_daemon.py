@@ -47,7 +47,7 @@ from ._recipe import Recipe
 from ._resume import check_state, stream_identity
 from ._sources import Chunk, Hooks, expand_paths
 from ._stream import ResumePoint, read_stream
-from ._tasks import build_task, task_class
+from ._tasks import Task, build_task, task_class
 
 HEARTBEAT_S = 0.25
 TOKENS_PER_BYTE_ESTIMATE = 0.3  # WordPiece/BPE on English prose; only sizes the default lanes
@@ -80,8 +80,8 @@ def default_slots(recipe: Recipe, fields: list[Field]) -> int:
     return int(min(4096, max(8, math.ceil(2 * batches_per_chunk(recipe, fields) / recipe.dealt_ranks))))
 
 
-def geometry_for(recipe: Recipe) -> Geometry:
-    fields = build_task(recipe.task, recipe.tokenizer, recipe.batch_size, recipe.seed).fields()
+def geometry_for(recipe: Recipe, task: Task) -> Geometry:
+    fields = task.fields()
     ranks, per_chunk = recipe.dealt_ranks, batches_per_chunk(recipe, fields)
     cut = (ranks - 1) / 2 / max(per_chunk, 1)  # on average half a group of one batch per rank
     if cut > 0.03:
@@ -129,8 +129,12 @@ class Daemon:
         for slot in self.producers:
             self._spawn(slot)
         try:
-            geometry = geometry_for(self.recipe)
-            header_recipe = {"recipe": self.recipe.to_dict(), "files": files}
+            task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed,
+                              self.recipe.tokenizer_engine)
+            geometry = geometry_for(self.recipe, task)
+            # The engine the producers encode with (they make the same choice from the same files).
+            header_recipe = {"recipe": self.recipe.to_dict(), "files": files,
+                             "tokenizer_engine": task.tok.engine.to_dict()}
             start = None
             if self.resume_state is not None:
                 start, position, delivered = check_state(self.resume_state, stream_identity(header_recipe))

@@ -16,7 +16,7 @@ from ._errors import RecipeError
 from ._stream import ResumePoint
 
 STATE_FORMAT = "ringload-state/2"
-_NOT_STREAM = ("name", "producers", "slots", "max_restarts")
+_NOT_STREAM = ("name", "producers", "slots", "max_restarts", "tokenizer_engine")  # engines give the same ids
 
 
 def stream_identity(header_recipe: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from .._errors import RecipeError
 from .._layout import Field
 from .._sources import Records
+from .engines import EngineChoice, choose_engine
 
 TOKENIZE_PIECE = 512  # texts per encode_batch call: large enough for the Rust fast path, small for latency
 
@@ -35,7 +37,8 @@ class TokenizerInfo:
     """A HuggingFace tokenizer with truncation and padding off, and the special tokens tasks need.
 
     ``path`` is a ``tokenizer.json``, or a folder with GPT-2 style ``vocab.json`` + ``merges.txt``
-    (byte-level BPE, ``<|endoftext|>`` special).
+    (byte-level BPE, ``<|endoftext|>`` special). ``engine`` (the recipe's ``tokenizer_engine``)
+    picks what ``encode_ids`` runs (``engines``); everything else runs HF ``tokenizers``.
     """
 
     ROLES = {
@@ -46,7 +49,7 @@ class TokenizerInfo:
         "pad": ("[PAD]", "<pad>", "<|endoftext|>"),
     }
 
-    def __init__(self, path: str, overrides: dict[str, str] | None = None):
+    def __init__(self, path: str, overrides: dict[str, str] | None = None, engine: str = "auto"):
         try:
             tok = _load_bpe_folder(path) if os.path.isdir(path) else Tokenizer.from_file(path)
         except Exception as exc:
@@ -56,6 +59,7 @@ class TokenizerInfo:
         tok.no_padding()
         self.path = path
         self.tokenizer = tok
+        self.requested_engine = engine
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.overrides = overrides or {}
         self.special = np.zeros(self.vocab_size, dtype=bool)
@@ -96,8 +100,21 @@ class TokenizerInfo:
             limit *= 4  # words longer than usual: look further
         return text
 
+    @functools.cached_property
+    def _engine(self) -> tuple[Callable[[list[str]], list[list[int]]], EngineChoice]:
+        # Chosen on first use: proving tiktoken exact reads the whole vocabulary (under a second),
+        # which tasks that never call encode_ids (classification) should not pay.
+        return choose_engine(self.tokenizer, self.requested_engine, self.path)
+
+    @property
+    def engine(self) -> EngineChoice:
+        """The engine ``encode_ids`` runs, and why."""
+        return self._engine[1]
+
     def encode_ids(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        """Each text's token ids, without the tokenizer's special tokens around it (added tokens
+        written in the text are matched, as HF does)."""
+        return self._engine[0](texts)
 
     def encode_words(self, texts: list[str]) -> tuple[list[list[int]], list[list[bool]]]:
         """Token ids and, per token, whether it starts a word (for whole-word masking)."""
