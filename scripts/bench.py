@@ -675,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"corpus {kind}: {corpus.nbytes / 1e6:.1f} MB, {corpus.docs:,} documents of KJV verses, "
                   f"{corpus.tokens:,} tokens")
         task = f"MLM {MASK_PROB:.0%}" if args.task == "mlm" else "CLM"
-        print(f"batch {BATCH_SIZE}x{SEQ_LEN}, {task}, tokenizer {args.tokenizer}; (a), (c) use {ENCODERS[args.encode]}; "
+        print(f"batch {BATCH_SIZE}x{SEQ_LEN}, {task}, tokenizer {args.tokenizer}; "
+              f"(a), (c) use {ENCODERS[args.encode]}; "
               f"{os.cpu_count()} CPUs; TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}\n")
         print(HEADER, flush=True)
         bounds: dict[tuple[str, int], float] = {}

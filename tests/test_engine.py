@@ -1,4 +1,5 @@
-"""tokenizer_engine: tiktoken, where auto picks it, returns exactly HF tokenizers' ids; elsewhere auto falls back and says why."""
+"""tokenizer_engine: tiktoken, where auto picks it, returns exactly HF tokenizers' ids; elsewhere auto
+falls back and says why."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import tiktoken
 from conftest import assert_same_stream, drain
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 import ringload
 from ringload._errors import RecipeError
 from ringload._tasks.base import _load_bpe_folder
-from ringload._tasks.engines import NotExact, byte_level_alphabet, choose_engine, exact_tiktoken
+from ringload._tasks.engines import KNOWN_SPLIT_PATTERNS, NotExact, byte_level_alphabet, choose_engine, exact_tiktoken
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -208,3 +209,27 @@ def test_clm_stream_identical_across_engines_and_status_names_engine(ring_name):
     assert_same_stream(streams[0], streams[1])
     assert engines[0]["engine"] == "tiktoken" and engines[1] == {
         "engine": "tokenizers", "reason": "tokenizer_engine: tokenizers in the recipe"}
+
+
+@pytest.mark.parametrize("pattern", KNOWN_SPLIT_PATTERNS, ids=["llama3-cl100k", "qwen2"])
+def test_split_regex_pre_tokenizer_same_ids(pattern):
+    """A Split pre-tokenizer with a known pattern (Llama 3 / Qwen2 style, GPT-2's merges) followed by
+    ByteLevel without regex is reproduced exactly, on adversarial text and every BMP code point."""
+    tok = gpt2_variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])))
+    encode, choice = choose_engine(tok, "auto", "split")
+    assert choice.engine == "tiktoken"
+    chars = [chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000]
+    texts = ADVERSARIAL + ["".join(f"a{c}{c}1 {c}\t'{c}" for c in chars[at:at + 512])
+                           for at in range(0, len(chars), 512)]
+    assert encode(texts) == [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def test_unknown_split_regex_falls_back():
+    """A Split regex that is not known to cover every character falls back (tiktoken drops unmatched text)."""
+    tok = gpt2_variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{L}+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])))
+    _, choice = choose_engine(tok, "auto", "split")
+    assert choice.engine == "tokenizers" and "not one known to cover every character" in choice.reason

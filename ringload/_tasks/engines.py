@@ -45,8 +45,10 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # Split patterns (Llama 3 / cl100k, Qwen2) whose last alternatives \s+ and [^\s\p{L}\p{N}]+ (with
 # \p{L}+ and \p{N}) match any character, so HF's Isolated split leaves no text between matches.
 KNOWN_SPLIT_PATTERNS = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""  # Llama 3, cl100k
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""  # Qwen2
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
 )
 
 
@@ -65,7 +67,10 @@ class EngineChoice:
         return {"engine": self.engine, "reason": self.reason}
 
 
-def choose_engine(tok: Tokenizer, requested: str, path: str) -> tuple[Callable[[list[str]], list[list[int]]], EngineChoice]:
+Encoder = Callable[[list[str]], list[list[int]]]
+
+
+def choose_engine(tok: Tokenizer, requested: str, path: str) -> tuple[Encoder, EngineChoice]:
     """The function that encodes texts to ids for ``requested`` (one of ``ENGINES``), and the choice made.
 
     ``auto`` takes tiktoken when it is provably exact for this tokenizer and ``tokenizers`` otherwise;
@@ -84,13 +89,13 @@ def choose_engine(tok: Tokenizer, requested: str, path: str) -> tuple[Callable[[
         else "tokenizer_engine: tiktoken in the recipe (proven exact)")
 
 
-def _hf_encoder(tok: Tokenizer) -> Callable[[list[str]], list[list[int]]]:
+def _hf_encoder(tok: Tokenizer) -> Encoder:
     def encode(texts: list[str]) -> list[list[int]]:
         return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
     return encode
 
 
-def _tiktoken_encoder(encoding: Any) -> Callable[[list[str]], list[list[int]]]:
+def _tiktoken_encoder(encoding: Any) -> Encoder:
     allowed = encoding.special_tokens_set  # HF cuts out every added token, also without special tokens
     # The Rust encoder itself, as Encoding.encode calls it: Encoding.encode would replace a lone
     # surrogate (possible in JSON text) with U+FFFD where HF raises, and encode_batch starts a
