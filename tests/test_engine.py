@@ -19,13 +19,21 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 import ringload
 from ringload._errors import RecipeError
 from ringload._tasks.base import _load_bpe_folder
-from ringload._tasks.engines import KNOWN_SPLIT_PATTERNS, NotExact, byte_level_alphabet, choose_engine, exact_tiktoken
+from ringload._tasks import engines
+from ringload._tasks.engines import (CACHE_ENV, KNOWN_SPLIT_PATTERNS, EngineSwitch, NotExact, byte_level_alphabet,
+                                     choose_engine, exact_tiktoken, proofs_dir)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from fetch_assets import fetch  # noqa: E402
 
 SPECIAL = "<|endoftext|>"
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory, monkeypatch):
+    """Proofs go to this module's own cache directory (daemons started here inherit it)."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "ringload-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +241,68 @@ def test_unknown_split_regex_falls_back():
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])))
     _, choice = choose_engine(tok, "auto", "split")
     assert choice.engine == "tokenizers" and "not one known to cover every character" in choice.reason
+
+
+def test_proof_is_kept_and_a_broken_record_is_proven_again(monkeypatch, tmp_path):
+    """The self-encoding check runs once per configuration: a kept outcome is used without it, and
+    a corrupt or truncated record is ignored, proven again and rewritten."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    tok = _load_bpe_folder(str(fetch("gpt2-bpe")))
+    calls = []
+    check = engines._check_self_encoding
+    monkeypatch.setattr(engines, "_check_self_encoding", lambda *args: calls.append(1) or check(*args))
+    exact_tiktoken(tok)
+    exact_tiktoken(tok)
+    assert len(calls) == 1
+    records = list(proofs_dir().glob("*.json"))
+    assert len(records) == 1 and records[0].read_text() == '{"failure": null}'
+    for broken in ("", '{"failure": nu', '{"failure": 7}', "\x00\xff"):
+        for record in records:
+            record.write_text(broken)
+        exact_tiktoken(tok)
+    assert len(calls) == 5 and all(r.read_text() == '{"failure": null}' for r in records)
+    assert not list(proofs_dir().glob("*.tmp"))
+
+
+def test_kept_failure_is_reported_without_proving(monkeypatch):
+    """A kept failed proof gives the same fallback reason, without running the check again."""
+    alphabet = byte_level_alphabet()
+    vocab = {char: i for i, char in enumerate(alphabet)}
+    merges = [("e", "l"), ("h", "e"), ("he", "l")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    first = choose_engine(tok, "auto", "tiny")[1]
+    monkeypatch.setattr(engines, "_check_self_encoding", lambda *args: pytest.fail("proved twice"))
+    again = choose_engine(tok, "auto", "tiny")[1]
+    assert first == again and first.engine == "tokenizers" and "'hel'" in first.reason
+
+
+def test_unwritable_cache_still_decides(monkeypatch, tmp_path):
+    """With a cache directory that cannot be created, the engine is still chosen (proven each time)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(CACHE_ENV, str(blocker))
+    assert choose_engine(_load_bpe_folder(str(fetch("gpt2-bpe"))), "auto", "gpt2")[1].engine == "tiktoken"
+
+
+def test_switch_encodes_with_hf_until_decided(gpt2):
+    """Before the background decision the switch encodes with HF, after it with tiktoken: same ids."""
+    switch = EngineSwitch(gpt2.tokenizer, "auto", "gpt2")
+    texts = ADVERSARIAL[:8]
+    before = switch.encode(texts)  # starts the decision, encodes with HF meanwhile
+    assert switch.choice().engine == "tiktoken"
+    assert before == switch.encode(texts) == hf_ids(gpt2, texts)
+
+
+def test_switch_raises_for_explicit_inexact_tiktoken():
+    """tokenizer_engine: tiktoken on WordPiece is a RecipeError, from the first encode after the decision."""
+    tok = Tokenizer.from_file(str(fetch("bert-wordpiece") / "tokenizer.json"))
+    switch = EngineSwitch(tok, "tiktoken", "bert")
+    switch.encode(["hello"])
+    with pytest.raises(RecipeError, match="model is WordPiece"):
+        switch.choice()
+    with pytest.raises(RecipeError, match="model is WordPiece"):
+        switch.encode(["hello"])

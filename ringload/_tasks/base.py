@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import json
 import os
@@ -18,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from .._errors import RecipeError
 from .._layout import Field
 from .._sources import Records
-from .engines import EngineChoice, choose_engine
+from .engines import EngineChoice, EngineSwitch
 
 TOKENIZE_PIECE = 512  # texts per encode_batch call: large enough for the Rust fast path, small for latency
 
@@ -59,7 +58,7 @@ class TokenizerInfo:
         tok.no_padding()
         self.path = path
         self.tokenizer = tok
-        self.requested_engine = engine
+        self.ids_engine = EngineSwitch(tok, engine, path)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.overrides = overrides or {}
         self.special = np.zeros(self.vocab_size, dtype=bool)
@@ -100,21 +99,16 @@ class TokenizerInfo:
             limit *= 4  # words longer than usual: look further
         return text
 
-    @functools.cached_property
-    def _engine(self) -> tuple[Callable[[list[str]], list[list[int]]], EngineChoice]:
-        # Chosen on first use: proving tiktoken exact reads the whole vocabulary (under a second),
-        # which tasks that never call encode_ids (classification) should not pay.
-        return choose_engine(self.tokenizer, self.requested_engine, self.path)
-
     @property
     def engine(self) -> EngineChoice:
-        """The engine ``encode_ids`` runs, and why."""
-        return self._engine[1]
+        """The engine ``encode_ids`` runs, and why (decided now if no call has started deciding)."""
+        return self.ids_engine.choice()
 
     def encode_ids(self, texts: list[str]) -> list[list[int]]:
         """Each text's token ids, without the tokenizer's special tokens around it (added tokens
-        written in the text are matched, as HF does)."""
-        return self._engine[0](texts)
+        written in the text are matched, as HF does). Tasks that never call it (classification)
+        never pay for choosing the engine."""
+        return self.ids_engine.encode(texts)
 
     def encode_words(self, texts: list[str]) -> tuple[list[list[int]], list[list[bool]]]:
         """Token ids and, per token, whether it starts a word (for whole-word masking)."""

@@ -25,20 +25,33 @@ Why the checks suffice (each is named in the reason when it fails):
   Both sides then agree on every state, hence on the result; tiktoken's shortcut for a word that
   is a whole token gives what the merges give (and what HF's ``ignore_merges`` gives).
 * Every byte has its token, so neither side ever needs an unknown token or byte fallback.
+
+The self-encoding check costs about half a second for GPT-2; its outcome is kept in
+``proofs_dir()``, keyed by the tokenizer's whole configuration, the versions of tokenizers and
+tiktoken and this module's source, so a tokenizer is proven once per machine, not per process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.metadata
 import json
+import os
+import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import tokenizers
 from tokenizers import Tokenizer, models
 
 from .._errors import RecipeError
 
 ENGINES = ("auto", "tokenizers", "tiktoken")
+CACHE_ENV = "RINGLOAD_CACHE"  # ringload's cache directory (default ~/.cache/ringload)
 
 # The regex of HF's ByteLevel pre-tokenizer (use_regex: true), the same as GPT-2's.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -89,6 +102,56 @@ def choose_engine(tok: Tokenizer, requested: str, path: str) -> tuple[Encoder, E
         else "tokenizer_engine: tiktoken in the recipe (proven exact)")
 
 
+class EngineSwitch:
+    """Encodes with the requested engine, once chosen; until then (auto or tiktoken) with HF.
+
+    Proving tiktoken exact reads the whole vocabulary (about half a second), so it runs in a
+    background thread started by the first ``encode``, and the first batches are not kept waiting:
+    both engines give the same ids, so when the switch happens changes nothing in the stream.
+    ``choice`` waits for the decision (and raises the RecipeError of an explicit, inexact tiktoken).
+    """
+
+    def __init__(self, tok: Tokenizer, requested: str, path: str):
+        self._tok, self._requested, self._path = tok, requested, path
+        self._hf = _hf_encoder(tok)
+        self._chosen: tuple[Encoder, EngineChoice] | None = None
+        self._error: BaseException | None = None
+        self._decided = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self._chosen is None:
+            if self._requested == "tokenizers" or self._decided.is_set():
+                self.choice()
+            else:
+                self._start()
+                return self._hf(texts)
+        return self._chosen[0](texts)
+
+    def choice(self) -> EngineChoice:
+        """The engine ``encode`` runs from now on, and why; decided here if no thread has started."""
+        if self._chosen is None:
+            if self._thread is None:
+                self._decide()
+            self._decided.wait()
+            if self._error is not None:
+                raise self._error
+        return self._chosen[1]
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._decide, name="ringload-engine", daemon=True)
+            self._thread.start()
+
+    def _decide(self) -> None:
+        try:
+            self._chosen = choose_engine(self._tok, self._requested, self._path)
+        except BaseException as exc:  # handed to the thread that asks for the choice
+            self._error = exc
+        finally:
+            self._decided.set()
+
+
 def _hf_encoder(tok: Tokenizer) -> Encoder:
     def encode(texts: list[str]) -> list[list[int]]:
         return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
@@ -111,7 +174,8 @@ def exact_tiktoken(tok: Tokenizer) -> Any:
     """A ``tiktoken.Encoding`` that returns ``tok``'s ids for every text, or NotExact saying why not."""
     if tok.encode_special_tokens:
         raise NotExact("encode_special_tokens is on (added tokens in text are encoded as text)")
-    config = json.loads(tok.to_str())
+    config_text = tok.to_str()
+    config = json.loads(config_text)
     model = config["model"]
     if model.get("type") != "BPE":
         raise NotExact(f"model is {model.get('type')}, not BPE")
@@ -130,7 +194,7 @@ def exact_tiktoken(tok: Tokenizer) -> Any:
     if missing:
         raise NotExact(f"the vocabulary lacks byte tokens {', '.join(missing[:8])}")
     ranks = _merge_ranks(vocab, merges, byte_of)
-    _check_self_encoding(vocab, merges, ranks, byte_of)
+    _proven_self_encoding(config_text, vocab, merges, ranks, byte_of)
     unmerged = [t for t in vocab if t not in ranks and t not in specials]
     if unmerged and model.get("ignore_merges"):
         # HF returns such a token for a word equal to it; tiktoken's vocabulary (merge results) lacks it.
@@ -212,6 +276,51 @@ def _merge_ranks(vocab: dict[str, int], merges: list[tuple[str, str]], byte_of: 
             raise NotExact(f"merge {index} builds id {vocab[result]}, not above the previous merge's {previous}")
         previous = ranks[result] = vocab[result]
     return ranks
+
+
+def proofs_dir() -> Path:
+    """Where the outcomes of the self-encoding check are kept."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ringload") / "engine-proofs"
+
+
+def _proven_self_encoding(config_text: str, vocab: dict[str, int], merges: list[tuple[str, str]],
+                          ranks: dict[str, int], byte_of: dict[str, int]) -> None:
+    """``_check_self_encoding``, or its outcome kept from an earlier run on the same configuration."""
+    key = hashlib.sha256()
+    for part in (config_text, tokenizers.__version__,
+                 importlib.metadata.version("tiktoken"), Path(__file__).read_text()):
+        key.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    path = proofs_dir() / f"{key.hexdigest()}.json"
+    try:
+        kept = json.loads(path.read_text())
+        failure = kept["failure"]
+        if failure is not None and not isinstance(failure, str):
+            raise ValueError("not a proof record")
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: prove it again
+        try:
+            _check_self_encoding(vocab, merges, ranks, byte_of)
+            failure = None
+        except NotExact as why:
+            failure = str(why)
+        _keep(path, {"failure": failure})
+    if failure is not None:
+        raise NotExact(failure)
+
+
+def _keep(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` to ``path`` whole or not at all; a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(record, out)
+        os.replace(temporary, path)  # readers see the old file or the whole new one
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
 
 
 def _check_self_encoding(vocab: dict[str, int], merges: list[tuple[str, str]], ranks: dict[str, int],
