@@ -131,7 +131,7 @@ class EngineSwitch:
     def choice(self) -> EngineChoice:
         """The engine ``encode`` runs from now on, and why; decided here if no thread has started."""
         if self._chosen is None:
-            if self._thread is None:
+            if self._thread is None and not self._decided.is_set():
                 self._decide()
             self._decided.wait()
             if self._error is not None:
