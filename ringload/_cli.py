@@ -134,6 +134,10 @@ def status(name: str | None, as_json: bool, watch: bool) -> None:
         return  # the way to end --watch
 
 
+def _render_engine(choice: dict) -> str:
+    return f"token ids encoded by {choice['engine']} ({choice['reason']})"
+
+
 def _render_status(s: dict) -> str:
     if s["removed"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["failed_at"] or 0))
@@ -156,6 +160,8 @@ def _render_status(s: dict) -> str:
         f"sources: {s['source_bytes']['fetched'] / 2**20:.1f} MiB fetched of {s['source_bytes']['listed'] / 2**20:.1f} MiB "
         "in the files opened so far" + (f"  (stream ends at chunk {s['end_chunk']})" if s["end_chunk"] is not None else ""),
     ]
+    if s["tokenizer_engine"]:
+        lines.append(_render_engine(s["tokenizer_engine"]))
     lines += [f"rank {c['rank']}: consumer {c['pid'] or '-'}  next chunk {c['chunk']} batch {c['index']}  "
               f"delivered {c['delivered']}" for c in s["consumers"]]
     shares = [template.format(s["packing"][key]) for key, template in
@@ -217,6 +223,8 @@ def inspect(name: str, k: int, rows: int, rank: int) -> None:
     task = build_task(recipe["task"], recipe["tokenizer"], recipe["batch_size"], recipe["seed"])
     click.echo(f"ring {name}: chunk {found['chunk']} batch {found['index']} (lane {found['lane']}), "
                f"task {recipe['task']['type']}")
+    if found["recipe"].get("tokenizer_engine"):
+        click.echo(_render_engine(found["recipe"]["tokenizer_engine"]))
     for row in range(min(rows, recipe["batch_size"])):
         click.echo(f"--- row {row}")
         click.echo(task.describe_row({key: array[row] for key, array in found["arrays"].items()}))

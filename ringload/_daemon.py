@@ -158,9 +158,12 @@ class Daemon:
         for slot in self.producers:
             self._spawn(slot)
         try:
-            self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed)
+            self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed,
+                                   self.recipe.tokenizer_engine)
             geometry = geometry_for(self.recipe, self.task)
-            header_recipe = {"recipe": self.recipe.to_dict(), "files": files}
+            # The engine the producers encode with (they make the same choice from the same files).
+            header_recipe = {"recipe": self.recipe.to_dict(), "files": files,
+                             "tokenizer_engine": self.task.tok.engine.to_dict()}
             start = None
             if self.resume_state is not None:
                 start, position, delivered = check_state(self.resume_state, stream_identity(header_recipe))

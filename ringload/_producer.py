@@ -69,7 +69,8 @@ class Producer:
     def __init__(self, ring_name: str, lane: int, conn: Connection, recipe: dict[str, Any], files: list[list[str]]):
         self.lane, self.conn, self.files = lane, conn, files
         self.recipe = parse_recipe(recipe)
-        self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed)
+        self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed,
+                               self.recipe.tokenizer_engine)
         self.hooks = [Hooks.load(source) for source in self.recipe.sources]
         self.daemon_pid = os.getppid()
         self.ring, self.sems = _attach_when_created(ring_name, self.daemon_pid)

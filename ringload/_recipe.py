@@ -73,6 +73,7 @@ class Recipe:
     node_sharding: str = "batches"  # nodes split each chunk's batches; or, in an endless stream, chunks or files
     shuffle: dict[str, int] | None = None  # {buffer: N}: shuffle records in windows of N, files per epoch
     stopping_strategy: str = "first_exhausted"  # several sources: an epoch ends when the first / every one runs out
+    tokenizer_engine: str = "auto"  # what encodes token ids: auto, tokenizers or tiktoken (_tasks.engines)
 
     @property
     def shuffle_buffer(self) -> int:
@@ -133,6 +134,7 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
 def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe") -> Recipe:
     """Check a recipe given as a mapping (as ``load_recipe`` reads it) and resolve its paths."""
     from ._tasks import check_task_options
+    from ._tasks.engines import ENGINES
 
     def fail(key: str, why: str) -> RecipeError:
         return RecipeError(f"{origin}: {key}: {why}")
@@ -184,6 +186,7 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         node_rank=_typed(data, "node_rank", int, 0, origin),
         node_sharding=_typed(data, "node_sharding", str, "batches", origin),
         shuffle=_shuffle(data.get("shuffle"), origin),
+        tokenizer_engine=_typed(data, "tokenizer_engine", str, "auto", origin),
     )
     checks = [
         (recipe.batch_size >= 1, "batch_size", "must be at least 1"),
@@ -206,6 +209,7 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         (0 <= recipe.node_rank < recipe.nnodes, "node_rank", f"must be 0..nnodes-1 ({recipe.nnodes - 1})"),
         (recipe.producers * recipe.world_size <= 256, "producers", "times world_size must be at most 256"),
         (recipe.node_sharding in NODE_SHARDING, "node_sharding", f"must be {', '.join(NODE_SHARDING)}"),
+        (recipe.tokenizer_engine in ENGINES, "tokenizer_engine", f"must be {', '.join(ENGINES)}"),
         (recipe.node_sharding == "batches" or recipe.epochs is None, "node_sharding",
          (f"{recipe.node_sharding} gives each node its own epoch length, and DDP hangs when one node's data "
           "ends first: use it only for an endless stream (no epochs), or use node_sharding: batches")),

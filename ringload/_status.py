@@ -69,7 +69,8 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
     filled = sum(filled_of(lane) for lane in range(g.lanes))
     daemon_pid = get(Word.DAEMON_PID)
     end = get(Word.END_CHUNK)
-    recipe = ring.recipe().get("recipe", {})
+    header_recipe = ring.recipe()
+    recipe = header_recipe.get("recipe", {})
     return {
         "name": ring.name,
         "state": ring.state.name.lower(),
@@ -83,6 +84,7 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
         "source_errors": get(Word.SOURCE_ERRORS),
         "source_bytes": {"fetched": get(Word.BYTES_FETCHED), "listed": get(Word.BYTES_LISTED)},
         "reader": {"read_s": get(Word.READER_READ_NS) / 1e9, "wait_s": get(Word.READER_WAIT_NS) / 1e9},
+        "tokenizer_engine": header_recipe.get("tokenizer_engine"),  # {engine, reason}; None for a ring no daemon made
         "sharding": {"ranks": g.ranks, "nnodes": recipe.get("nnodes", 1), "node_rank": recipe.get("node_rank", 0)},
         "geometry": {
             "lanes": g.lanes, "producers": g.producers, "slots_per_lane": g.slots, "batch_size": g.batch_size,

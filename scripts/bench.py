@@ -11,6 +11,12 @@ producer processes. ``--corpus`` picks the documents' sizes:
   corpora have (Wikipedia, code, logs);
 * ``giant-first``: ``skewed`` with a 4 MB document as the very first record.
 
+``--tokenizer gpt2 --task clm`` runs causal-LM batches (32 x 128, documents packed
+back to back) with the ``gpt2-bpe`` tokenizer instead (saved as a ``tokenizer.json``
+that (a) and (b) both load); the baselines (c), (d) do masked-LM only, so skip them.
+``--engine auto,tokenizers`` runs ringload once per ``tokenizer_engine`` (default: auto
+only): with GPT-2, auto encodes with tiktoken (see README, "Tokenizer engines").
+
 ``--slots`` runs ringload again with that many slots per producer (a small value,
 as a user may set). Each corpus gets its own tokenizer bound, so every ringload
 row is a ratio to the bound on the same text, measured in the same run:
@@ -55,6 +61,7 @@ on 2 cores with the defaults)::
     python scripts/bench.py                          # P=2, 100 MB, 20 s per contender
     python scripts/bench.py --producers 1,2,4 --skip hf --json bench.json
     python scripts/bench.py --corpus kjv,skewed,giant-first --slots 8 --skip hf,handmade
+    python scripts/bench.py --tokenizer gpt2 --task clm --engine auto,tokenizers --skip hf,handmade
 
 With several P values, (a) and (b) run at each; (c) and (d) at the first only, on
 the first corpus.
@@ -102,6 +109,9 @@ SEQ_LEN = 128
 MASK_PROB = 0.15
 SEED = 0
 ENCODERS = {"batch": "encode_batch", "fast": "encode_batch_fast"}
+TOKENIZERS = ("bert", "gpt2")
+TASKS = ("mlm", "clm")
+ENGINES = ("auto", "tokenizers", "tiktoken")  # ringload's tokenizer_engine
 CORPORA = ("kjv", "skewed", "giant-first")
 GIANT_BYTES = (4_000_000, 2_500_000, 6_000_000)  # the skewed corpus's multi-MB documents
 LOGNORMAL_SIGMA = 1.6  # of a skewed document's size in verses (median one verse)
@@ -134,6 +144,8 @@ class Job:
     encode: str  # Tokenizer method for (a) and (c): encode_batch or encode_batch_fast
     seconds: float
     slots: int | None = None  # ringload's slots per producer (None: its default)
+    task: str = "mlm"
+    engine: str = "auto"  # ringload's tokenizer_engine
 
 
 @dataclass
@@ -143,6 +155,7 @@ class Result:
     status: str  # ok | unavailable | error
     corpus: str = "kjv"
     slots: int | None = None
+    engine: str | None = None  # ringload's tokenizer_engine
     error: str | None = None
     tokens: int | None = None
     seconds: float | None = None
@@ -234,6 +247,19 @@ def foreign_share(before: tuple[float, float, float], after: tuple[float, float,
 
 
 # --- corpus ---------------------------------------------------------------
+
+def bench_tokenizer(name: str, directory: Path) -> Path:
+    """The tokenizer.json every contender loads: BERT's, or GPT-2's vocab.json + merges.txt saved as one
+    (read by ringload's own loader, so the bound and ringload run the same tokenizer)."""
+    if name == "bert":
+        return fetch("bert-wordpiece") / "tokenizer.json"
+    sys.path.insert(0, str(REPO_ROOT))
+    from ringload._tasks.base import _load_bpe_folder
+
+    path = directory / "gpt2-tokenizer.json"
+    _load_bpe_folder(str(fetch("gpt2-bpe"))).save(str(path))
+    return path
+
 
 def load_tokenizer(path: Path) -> Tokenizer:
     tokenizer = Tokenizer.from_file(str(path))
@@ -367,7 +393,9 @@ def _ringload_opener(job: Job) -> Opener:
     recipe = {"name": "bench",
               "source": {"paths": [str(job.corpus.path)], "format": "jsonl", "field": "text"},
               "tokenizer": str(job.tokenizer),
-              "task": {"type": "mlm", "seq_len": SEQ_LEN, "mask_prob": MASK_PROB},
+              "task": ({"type": "mlm", "seq_len": SEQ_LEN, "mask_prob": MASK_PROB} if job.task == "mlm"
+                       else {"type": "clm", "seq_len": SEQ_LEN}),
+              "tokenizer_engine": job.engine,
               "batch_size": BATCH_SIZE, "producers": job.producers, "seed": SEED, "epochs": 1}
     if job.slots is not None:
         recipe["slots"] = job.slots
@@ -453,7 +481,8 @@ def _ready_next_costs(stream: Iterator[Batch], producers: int) -> list[int]:
 
 
 def measure(open_stream: Opener, job: Job) -> Result:
-    result = Result(job.contender, job.producers, "ok", corpus=job.corpus.kind, slots=job.slots)
+    result = Result(job.contender, job.producers, "ok", corpus=job.corpus.kind, slots=job.slots,
+                    engine=job.engine if job.contender == "ringload" else None)
     started = time.perf_counter()
     with open_stream() as stream:
         first = next(stream)
@@ -521,7 +550,8 @@ def _num(value: float | None, spec: str) -> str:
 
 
 def print_row(r: Result) -> None:
-    setting = f"{r.corpus}" + (f", slots {r.slots}" if r.slots else "")
+    setting = f"{r.corpus}" + (f", slots {r.slots}" if r.slots else "") + (
+        f", {r.engine}" if r.engine and r.engine != "auto" else "")
     label = f"{CONTENDERS[r.contender]:<27}{setting:<22}{r.producers:>3}"
     if r.status != "ok" and r.first_batch_s is None:
         print(f"{label}  {r.status}: {r.error}", flush=True)
@@ -542,7 +572,8 @@ HEADER = (f"{'contender':<27}{'corpus':<22}{'P':>3}{'tokens/s':>13}{'/bound':>8}
 def ringload_ratios(results: list[Result], producers: int) -> dict[str, float | None]:
     """ringload's tokens/s divided by each other contender's, at ``producers``."""
     rates = {r.contender: rate for r in results
-             if r.producers == producers and r.corpus == results[0].corpus and not r.slots and (rate := r.tokens_per_s)}
+             if r.producers == producers and r.corpus == results[0].corpus and not r.slots
+             and r.engine in (None, "auto") and (rate := r.tokens_per_s)}
     mine = rates.get("ringload")
     return {name: mine / rates[name] if mine and rates.get(name) else None
             for name in CONTENDERS if name != "ringload"}
@@ -550,7 +581,7 @@ def ringload_ratios(results: list[Result], producers: int) -> dict[str, float | 
 
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
-    for name in ("ringload", "torch", "tokenizers", "numpy", "datasets", "transformers"):
+    for name in ("ringload", "torch", "tokenizers", "tiktoken", "numpy", "datasets", "transformers"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -585,8 +616,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"document sizes: {', '.join(CORPORA)} (default kjv); each gets its own bound")
     parser.add_argument("--slots", action="append", default=[], metavar="N[,N...]",
                         help="also run ringload with N slots per producer (default: ringload's own)")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="bert",
+                        help="bert = bert-wordpiece (default), gpt2 = gpt2-bpe (byte-level BPE)")
+    parser.add_argument("--task", choices=TASKS, default="mlm",
+                        help="mlm (default) or clm; (c) and (d) do mlm only")
+    parser.add_argument("--engine", action="append", metavar="NAME[,NAME...]",
+                        help=f"run ringload with each tokenizer_engine: {', '.join(ENGINES)} (default auto)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write all numbers here")
     args = parser.parse_args(argv)
+    args.engine = list(dict.fromkeys(e for item in args.engine or ["auto"] for e in item.split(",") if e))
+    if unknown := set(args.engine) - set(ENGINES):
+        parser.error(f"unknown engine(s) {', '.join(sorted(unknown))}; pick from {', '.join(ENGINES)}")
     args.producers = list(dict.fromkeys(_int_list(args.producers or ["2"])))
     args.skip = {s for item in args.skip for s in item.split(",") if s}
     args.corpus = list(dict.fromkeys(c for item in args.corpus or ["kjv"] for c in item.split(",") if c))
@@ -595,17 +635,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.slots = [None, *_int_list(args.slots)]
     if unknown := args.skip - set(CONTENDERS):
         parser.error(f"unknown contender(s) {', '.join(sorted(unknown))}")
+    if args.task != "mlm" and not {"handmade", "hf"} <= args.skip:
+        parser.error("the baselines (c) and (d) do mlm only: add --skip hf,handmade")
     if min(args.producers) < 1:
         parser.error("--producers must be at least 1")
     return args
 
 
-def plan(producers: list[int], skip: set[str], corpora: list[str],
-         slots: list[int | None]) -> list[tuple[str, int, str, int | None]]:
-    """(contender, P, corpus, slots) in run order: per corpus, the bound then ringload at each P."""
-    runs = [(c, p, kind, None) for kind in corpora for p in producers for c in ("tokenizer", "ringload")]
-    runs += [("ringload", p, kind, n) for kind in corpora for p in producers for n in slots if n]
-    runs += [(c, producers[0], corpora[0], None) for c in ("handmade", "hf")]
+def plan(producers: list[int], skip: set[str], corpora: list[str], slots: list[int | None],
+         engines: list[str]) -> list[tuple[str, int, str, int | None, str]]:
+    """(contender, P, corpus, slots, engine) in run order: per corpus, the bound then ringload (with
+    each engine) at each P."""
+    runs = [(c, p, kind, None, engine) for kind in corpora for p in producers
+            for c, engine in [("tokenizer", "auto"), *(("ringload", e) for e in engines)]]
+    runs += [("ringload", p, kind, n, engines[0]) for kind in corpora for p in producers for n in slots if n]
+    runs += [(c, producers[0], corpora[0], None, "auto") for c in ("handmade", "hf")]
     return [run for run in runs if run[0] not in skip]
 
 
@@ -620,23 +664,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: other work keeps the CPUs {busy:.0%} busy; it will lower and scatter "
               f"the numbers (column 'other': its share during each measurement)",
               file=sys.stderr)
-    tokenizer_path = fetch("bert-wordpiece") / "tokenizer.json"
     results: list[Result] = []
     corpora: dict[str, Corpus] = {}
     with tempfile.TemporaryDirectory(prefix="ringload-bench-") as tmp:
+        tokenizer_path = bench_tokenizer(args.tokenizer, Path(tmp))
         tokenizer = load_tokenizer(tokenizer_path)
         for kind in args.corpus:
             shards = 0 if "hf" in args.skip or kind != args.corpus[0] else headline
             corpus = corpora[kind] = build_corpus(Path(tmp), args.mb, tokenizer, shards, kind)
             print(f"corpus {kind}: {corpus.nbytes / 1e6:.1f} MB, {corpus.docs:,} documents of KJV verses, "
                   f"{corpus.tokens:,} tokens")
-        print(f"batch {BATCH_SIZE}x{SEQ_LEN}, MLM {MASK_PROB:.0%}; (a), (c) use {ENCODERS[args.encode]}; "
+        task = f"MLM {MASK_PROB:.0%}" if args.task == "mlm" else "CLM"
+        print(f"batch {BATCH_SIZE}x{SEQ_LEN}, {task}, tokenizer {args.tokenizer}; "
+              f"(a), (c) use {ENCODERS[args.encode]}; "
               f"{os.cpu_count()} CPUs; TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}\n")
         print(HEADER, flush=True)
         bounds: dict[tuple[str, int], float] = {}
-        for contender, producers, kind, slots in plan(args.producers, args.skip, args.corpus, args.slots):
+        for contender, producers, kind, slots, engine in plan(args.producers, args.skip, args.corpus, args.slots,
+                                                             args.engine):
             job = Job(contender, producers, corpora[kind], tokenizer_path, ENCODERS[args.encode],
-                      args.seconds, slots)
+                      args.seconds, slots, args.task, engine)
             before = cpu_counters()
             result = tokenizer_bound(job) if contender == "tokenizer" else run_isolated(job)
             result.corpus, result.slots = kind, slots
@@ -657,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "config": {"producers": args.producers, "mb": args.mb, "seconds": args.seconds,
                        "corpora": args.corpus, "slots": [n for n in args.slots if n],
-                       "encode": ENCODERS[args.encode],
+                       "encode": ENCODERS[args.encode], "tokenizer": args.tokenizer, "task": args.task,
+                       "engines": args.engine,
                        "batch_size": BATCH_SIZE, "seq_len": SEQ_LEN, "mask_prob": MASK_PROB,
                        "warmup_s": WARMUP_S, "corpus_share_timed": CORPUS_SHARE,
                        "burst_rounds": BURST_ROUNDS,

@@ -46,9 +46,8 @@ if mode == "start":
         with ringload.connect(name) as loader:
             next(loader)
             first = time.time()
-            producers = ringload.ring_status(name)["producers"]
-    stages = {"ready_s": ready - t0,
-              "producer_process_s": min(started_at(p["pid"]) for p in producers) - t0 if producers else None}
+            spawned = min(started_at(p["pid"]) for p in ringload.ring_status(name)["producers"])
+    stages = {"ready_s": ready - t0, "producer_process_s": spawned - t0}
 else:
     with ringload.connect(name) as loader:
         next(loader)

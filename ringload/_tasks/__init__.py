@@ -78,9 +78,11 @@ def check_task_options(task: dict[str, Any], origin: str) -> dict[str, Any]:
     return checked
 
 
-def build_task(task: dict[str, Any], tokenizer_path: str, batch_size: int, seed: int) -> Task:
-    """Instantiate the recipe's task with its tokenizer; options it leaves out take the task's defaults."""
+def build_task(task: dict[str, Any], tokenizer_path: str, batch_size: int, seed: int,
+               engine: str = "auto") -> Task:
+    """Instantiate the recipe's task with its tokenizer (encoding ids with ``engine``, the recipe's
+    ``tokenizer_engine``); options it leaves out take the task's defaults."""
     cls = task_class(task["type"])
     options = {**cls.options, **{k: v for k, v in task.items() if k != "type"}}
-    tokenizer = TokenizerInfo(tokenizer_path, options.get("special_tokens"))
+    tokenizer = TokenizerInfo(tokenizer_path, options.get("special_tokens"), engine)
     return cls(options, tokenizer, batch_size, seed)

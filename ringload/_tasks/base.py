@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from .._errors import RecipeError
 from .._layout import Field
 from .._sources import Records
+from .engines import EngineChoice, EngineSwitch
 
 TOKENIZE_PIECE = 512  # texts per encode_batch call: large enough for the Rust fast path, small for latency
 
@@ -35,7 +36,8 @@ class TokenizerInfo:
     """A HuggingFace tokenizer with truncation and padding off, and the special tokens tasks need.
 
     ``path`` is a ``tokenizer.json``, or a folder with GPT-2 style ``vocab.json`` + ``merges.txt``
-    (byte-level BPE, ``<|endoftext|>`` special).
+    (byte-level BPE, ``<|endoftext|>`` special). ``engine`` (the recipe's ``tokenizer_engine``)
+    picks what ``encode_ids`` runs (``engines``); everything else runs HF ``tokenizers``.
     """
 
     ROLES = {
@@ -46,7 +48,7 @@ class TokenizerInfo:
         "pad": ("[PAD]", "<pad>", "<|endoftext|>"),
     }
 
-    def __init__(self, path: str, overrides: dict[str, str] | None = None):
+    def __init__(self, path: str, overrides: dict[str, str] | None = None, engine: str = "auto"):
         try:
             tok = _load_bpe_folder(path) if os.path.isdir(path) else Tokenizer.from_file(path)
         except Exception as exc:
@@ -56,6 +58,7 @@ class TokenizerInfo:
         tok.no_padding()
         self.path = path
         self.tokenizer = tok
+        self.ids_engine = EngineSwitch(tok, engine, path)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.overrides = overrides or {}
         self.special = np.zeros(self.vocab_size, dtype=bool)
@@ -110,8 +113,16 @@ class TokenizerInfo:
         others = len(self.tokenizer.encode(first, add_special_tokens=False).ids)
         return first, (self.head(second, others) if others > tokens else second_head)
 
+    @property
+    def engine(self) -> EngineChoice:
+        """The engine ``encode_ids`` runs, and why (decided now if no call has started deciding)."""
+        return self.ids_engine.choice()
+
     def encode_ids(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        """Each text's token ids, without the tokenizer's special tokens around it (added tokens
+        written in the text are matched, as HF does). Tasks that never call it (classification)
+        never pay for choosing the engine."""
+        return self.ids_engine.encode(texts)
 
     def encode_words(self, texts: list[str]) -> tuple[list[list[int]], list[list[bool]]]:
         """Token ids and, per token, whether it starts a word (for whole-word masking)."""
