@@ -3,8 +3,11 @@
 Producer processes read raw text, tokenize it and write fixed-size batches straight into a
 POSIX shared-memory ring; the training process iterates over them as torch tensors that are
 views of the ring. Start a ring with ``ringload start RECIPE`` (or :func:`start`), consume it
-with :func:`connect`.
+with :func:`connect`, or as a torch ``IterableDataset`` with :class:`RingDataset` (imported on first
+use, since it needs torch).
 """
+
+from typing import Any
 
 from ._consumer import Loader, connect
 from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RecipeError, RingError, RingloadError
@@ -28,6 +31,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "RingError",
+    "RingDataset",
     "RingHandle",
     "RingloadError",
     "Task",
@@ -39,3 +43,11 @@ __all__ = [
     "ring_status",
     "start",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RingDataset":  # subclasses torch's IterableDataset: imported only when asked for
+        from ._dataset import RingDataset
+
+        return RingDataset
+    raise AttributeError(f"module 'ringload' has no attribute {name!r}")

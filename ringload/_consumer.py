@@ -81,6 +81,7 @@ class Loader:
         header = ring.recipe()
         recipe = header.get("recipe", {})
         self._sources = len(header.get("files", [[]]))
+        self._stream = stream_identity(header)
         try:
             self.rank = resolve_rank(name, rank, ring.geometry.ranks, recipe.get("nnodes", 1),
                                      recipe.get("node_rank", 0))
@@ -112,6 +113,7 @@ class Loader:
         self._stager = None
         self._skip_batches, self._max_batches = recipe.get("skip_batches", 0), recipe.get("max_batches")
         self.epoch = 0  # the epoch of the last batch handed out
+        self._epoch_only: int | None = None  # if set, the iteration ends before the first batch of another epoch
         fields = ring.geometry.fields
         self._handed = [f.name for f in fields if meta or not f.name.startswith("_")]
         seq_len = fields[0].shape[1] if len(fields[0].shape) > 1 else 0
@@ -206,8 +208,9 @@ class Loader:
                 return self._hand_out(lane, seq)
             self._done_with(lane, seq)
 
-    def _next_slot(self) -> tuple[int, int]:
-        """Wait for the due batch, move the search past it and return its (lane, seq)."""
+    def _next_slot(self, take: bool = True) -> tuple[int, int]:
+        """Wait for the due batch, move the search past it and return its (lane, seq). With
+        ``take=False`` the batch stays due: it goes back to the front of its lane's heads."""
         deadline = collect_at = None
         while True:
             found = self._find()
@@ -215,6 +218,13 @@ class Loader:
                 lane, seq = found
                 base = self.ring.slot_word(lane, seq % self._slots, 0)
                 empty = self._words[base + SlotWord.ROWS] == 0
+                other_epoch = self._epoch_only is not None and self._words[base + SlotWord.EPOCH] != self._epoch_only
+                if not empty and (not take or other_epoch):
+                    chunk, index = self._words[base + SlotWord.CHUNK], self._words[base + SlotWord.INDEX]
+                    self._heads.setdefault(lane, deque()).appendleft((seq, chunk, index))  # still due
+                    if take:
+                        raise StopIteration
+                    return lane, seq
                 if self._words[base + SlotWord.FLAGS] & FLAG_LAST_IN_CHUNK:
                     self._search = (self._search[0] + 1, self._dealt_rank)
                 else:
@@ -237,6 +247,16 @@ class Loader:
                 self._drain_freed()
             self._check_health(deadline)
             acquire(self._doorbell, POLL_S)
+
+    def _due_epoch(self) -> int | None:
+        """The epoch of the next batch (waiting for it; it stays due), or None at the end of the stream."""
+        if self._max_batches is not None and self.delivered >= self._skip_batches + self._max_batches:
+            return None
+        try:
+            lane, seq = self._next_slot(take=False)
+        except StopIteration:
+            return None
+        return self._slot_word(lane, seq, SlotWord.EPOCH)
 
     def _mark_delivered(self, lane: int, seq: int) -> None:
         """Record in the ring that the consumer has been handed this batch (the resume point)."""
@@ -372,13 +392,12 @@ class Loader:
         """A small JSON-able checkpoint: ``ringload start RECIPE --resume STATE`` (or
         ``ringload.start(recipe, resume=state)``) continues with exactly the batch after the last one
         this loader handed out."""
-        return {
-            "format": STATE_FORMAT,
-            "stream": stream_identity(self.ring.recipe()),
-            "delivered": self.delivered,
-            "next": [self.next_chunk, self.next_index - self._dealt_rank],  # the same for every rank
-            "resume": ResumePoint.from_words(self._resume).to_json(self._sources),
-        }
+        return stream_state(self._stream, self._sources, self._position())
+
+    def _position(self) -> tuple[int, ...]:
+        """Where the stream stands after the last batch handed out, as :func:`stream_state` takes it
+        (cheap enough to record per batch)."""
+        return (self.delivered, self.next_chunk, self.next_index - self._dealt_rank, *self._resume)
 
     def close(self) -> None:
         """Give back every slot and detach; the ring and its daemon go on.
@@ -427,6 +446,18 @@ class Loader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stream_state(stream: dict[str, Any], sources: int, position: tuple[int, ...]) -> dict[str, Any]:
+    """The checkpoint of a stream (``stream_identity``, number of sources) at ``Loader._position()``."""
+    delivered, next_chunk, next_index, *resume = position
+    return {
+        "format": STATE_FORMAT,
+        "stream": stream,
+        "delivered": delivered,
+        "next": [next_chunk, next_index],  # the same for every rank
+        "resume": ResumePoint.from_words(resume).to_json(sources),
+    }
 
 
 def connect(name: str, device: Any = "cpu", timeout: float = 30.0, dtypes: dict[str, Any] | None = None,
