@@ -54,6 +54,7 @@ from ._layout import (
     write_position_words,
 )
 from ._names import pid_alive
+from ._plan import batches_in, no_length
 from ._resume import STATE_FORMAT, stream_identity
 from ._stream import ResumePoint
 
@@ -82,6 +83,7 @@ class Loader:
         recipe = header.get("recipe", {})
         self._sources = len(header.get("files", [[]]))
         self._stream = stream_identity(header)
+        self._epoch_batches: list[int] | None = header.get("epoch_batches")  # per rank, from `ringload plan`
         try:
             self.rank = resolve_rank(name, rank, ring.geometry.ranks, recipe.get("nnodes", 1),
                                      recipe.get("node_rank", 0))
@@ -144,6 +146,7 @@ class Loader:
         position = read_position(w, self._block)
         self._resume = list(position.resume)  # ResumePoint.words(), updated in place per batch
         self.next_chunk, self.next_index, self.delivered = position.next_chunk, position.next_index, position.delivered
+        self._delivered_at_connect = self.delivered
         self._search = (self.next_chunk, self.next_index)  # the next batch to look for
         self._taken = [w[i] for i in self._taken_word]
         self._released = [w[i] for i in self._released_word]
@@ -191,6 +194,14 @@ class Loader:
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Loader:
         return self
+
+    def __len__(self) -> int:
+        """The batches this loader hands out from where it connected to the end of a finite stream,
+        if ``ringload plan`` counted them before the ring started; else TypeError, as for any
+        iterator without a length."""
+        if self._epoch_batches is None:
+            raise no_length(self.name, self.ring.recipe()["recipe"])
+        return batches_in(self._epoch_batches, self._skip_batches, self._max_batches, after=self._delivered_at_connect)
 
     def __next__(self) -> dict[str, Any]:
         while True:

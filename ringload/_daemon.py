@@ -42,6 +42,7 @@ from ._http import SourceMeter
 from ._lanes import LaneWord, Semaphores, last_published, repair_after_producer_death, unlink_semaphores
 from ._layout import Field, Geometry, Position, Ring, State, Word, write_position
 from ._names import list_ring_names, list_semaphore_rings, pid_alive, shm_name, validate_name
+from ._plan import find_plan
 from ._producer import ERROR, WANT, encode_chunk, producer_main
 from ._recipe import Recipe
 from ._resume import check_state, stream_identity
@@ -127,6 +128,9 @@ class Daemon:
             Hooks.load(source)  # a hook that does not import fails here, before any producer runs
         geometry = geometry_for(self.recipe)
         header_recipe = {"recipe": self.recipe.to_dict(), "files": files}
+        plan = find_plan(self.recipe, files)
+        if plan is not None:
+            header_recipe["epoch_batches"] = plan  # batches per rank of each epoch, for the consumers' len()
         start = None
         if self.resume_state is not None:
             start, position, delivered = check_state(self.resume_state, stream_identity(header_recipe))

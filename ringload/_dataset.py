@@ -28,6 +28,7 @@ import torch
 from ._consumer import Loader, stream_state
 from ._errors import RingError
 from ._handle import RingHandle, start
+from ._plan import batches_in, epoch_after, no_length
 from ._recipe import Recipe
 
 POSITIONS_KEPT = 64  # batches a framework may fetch ahead of the model and still checkpoint exactly
@@ -59,6 +60,8 @@ class RingDataset(torch.utils.data.IterableDataset):
         self._loader: Loader | None = None
         self._resume: dict[str, Any] = dict(resume or {})  # the state the stream (re)started from
         self._stream: tuple[dict[str, Any], int] | None = None  # (stream identity, sources) of the ring
+        self._lengths: tuple[list[int] | None, int, int | None] | None = None  # (plan, skip, max) of the ring
+        self._delivered = 0  # the rank's batches delivered so far in the stream (skipped ones included)
         self._positions: deque[tuple[int, tuple[int, ...]]] = deque(maxlen=POSITIONS_KEPT)  # (number, position)
         self._handed = 0  # batches handed out since the stream (re)started
         self._trained: int | None = None  # batches a framework adapter reported consumed (None: no adapter)
@@ -90,7 +93,9 @@ class RingDataset(torch.utils.data.IterableDataset):
             loader._epoch_only = epoch
             for batch in loader:
                 self._handed += 1
-                self._positions.append((self._handed, loader._position()))
+                position = loader._position()
+                self._positions.append((self._handed, position))
+                self._delivered = position[0]
                 yield batch
                 if self._loader is not loader:
                     return  # a newer iteration has taken over this rank
@@ -103,7 +108,24 @@ class RingDataset(torch.utils.data.IterableDataset):
             self._handle = start(self._recipe, resume=self._resume or None, **self._start_options)
         loader = Loader(self.name, **self._connect_options)
         self._stream = (loader._stream, loader._sources)
+        self._lengths = (loader._epoch_batches, loader._skip_batches, loader._max_batches)
+        self._delivered = loader.delivered
         return loader
+
+    def __len__(self) -> int:
+        """The batches the next iteration delivers: a whole recipe epoch (the one that iteration
+        starts in or continues), if ``ringload plan`` counted the stream before the ring started;
+        else TypeError, which frameworks read as "no length". Connects to learn the plan, starting
+        a ring the dataset owns."""
+        if self._lengths is None:
+            self._close_loader()
+            self._connect().close()
+        plan, skip, most = self._lengths
+        if plan is None:
+            identity, _ = self._stream
+            raise no_length(self.name, identity["recipe"])
+        epoch = epoch_after(plan, self._delivered)
+        return 0 if epoch is None else batches_in(plan, skip, most, epoch=epoch)
 
     def _close_loader(self) -> None:
         if self._loader is not None:
