@@ -8,7 +8,9 @@ recipe epoch and stops before the first batch of the next, which stays in the ri
 
 It either attaches to a running ring by name, or owns one: given a recipe, it starts the ring on
 its first iteration (``ringload.start``), keeps it across iterations, and ``load_state_dict``
-restarts it from a checkpoint (``resume=``), which is what framework checkpoint resume needs.
+restarts it from a checkpoint (``resume=``), which is what framework checkpoint resume needs. A
+ring it owns serves one training process; with several (``WORLD_SIZE`` > 1) the ring is started
+once per node and every process attaches to it by name.
 
 Checkpoints. ``state_dict()`` is the stream's state after the last batch the training has
 consumed. Without a framework adapter that is the last batch handed out; an adapter for a framework
@@ -52,6 +54,13 @@ class RingDataset(torch.utils.data.IterableDataset):
         if ring is not None and (name or producers or resume):
             raise TypeError("name, producers and resume apply to a ring the dataset starts (recipe=...); "
                             f"ring {ring!r} is already running")
+        processes = os.environ.get("WORLD_SIZE", "1")
+        if recipe is not None and processes.isdigit() and int(processes) > 1:
+            raise RingError(
+                f"RingDataset(recipe=...) starts a ring for a single training process, but WORLD_SIZE={processes}: start "
+                "the ring once per node with `ringload start RECIPE --world-size N --detach` (N processes on the node; "
+                "add --resume STATE.json to continue a checkpoint) and give every process its name: "
+                "RingDataset('NAME')")
         self._ring, self._recipe = ring, recipe
         self._start_options = {"name": name, "producers": producers}
         self._connect_options = {"device": device, "timeout": timeout, "dtypes": dtypes, "prefetch": prefetch,

@@ -94,6 +94,13 @@ def test_state_dict_restarts_an_owned_ring_after_the_last_batch(recipe_file, rin
     assert got == expected
 
 
+def test_owned_ring_under_several_processes_is_refused(recipe_file, monkeypatch):
+    """RingDataset(recipe=...) under WORLD_SIZE=2 fails at once, saying to start the ring per node and attach by name."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ringload.RingError, match="--world-size N --detach"):
+        ringload.RingDataset(recipe=recipe_file())
+
+
 def test_attached_dataset_refuses_a_state_its_ring_is_not_at(recipe_file, ring_name):
     """RingDataset("NAME") cannot move a ring started elsewhere: loading another position says how to restart it."""
     recipe = recipe_file(epochs=None)
