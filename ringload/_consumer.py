@@ -60,7 +60,7 @@ from ._stream import ResumePoint
 
 POLL_S = 0.1
 HEARTBEAT_TIMEOUT_S = 5.0
-COLLECT_AFTER_S = 0.5  # waiting this long with batches outstanding: look for reference cycles that hold slots
+COLLECT_AFTER_S = 0.5  # waiting this long on a lane full of held batches: look for reference cycles holding them
 _CURSOR_WORDS = (SlotWord.EPOCH, SlotWord.FILE_INDEX, SlotWord.CHUNK_OFFSET, SlotWord.CHUNK_LINE, SlotWord.PART,
                  SlotWord.SOURCE, SlotWord.LAP, SlotWord.PICK)  # Chunk's fields after the id, as stamped
 _UNSEEN_SOURCES = ResumePoint().words()[5:]
@@ -252,12 +252,16 @@ class Loader:
             if deadline is None:
                 deadline, collect_at = now + self.timeout, now + COLLECT_AFTER_S
             self._drain_freed()
-            if self._outstanding and now > collect_at:
+            if now > collect_at and self._lane_held_full():
                 collect_at = deadline  # once: batches kept alive only by reference cycles free their slots
                 gc.collect()
                 self._drain_freed()
             self._check_health(deadline)
             acquire(self._doorbell, POLL_S)
+
+    def _lane_held_full(self) -> bool:
+        """True if the consumer holds every slot of one of its lanes (its producer cannot write)."""
+        return any(self._taken[lane] - self._released[lane] >= self._slots for lane in self._own_lanes)
 
     def _due_epoch(self) -> int | None:
         """The epoch of the next batch (waiting for it; it stays due), or None at the end of the stream."""
