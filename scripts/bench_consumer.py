@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import ringload  # noqa: E402
+import ringload
 
 WAITED_S = 1e-3  # a next() this long waited for a producer to publish
 

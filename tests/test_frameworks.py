@@ -248,8 +248,9 @@ def ring_trainer(base, seen: list[int], losses: list[float], **kwargs):
 
 
 def training_args(output_dir, steps: int, kind=None, **overrides):
-    options = dict(output_dir=str(output_dir), max_steps=steps, learning_rate=3e-3, report_to=[], use_cpu=True,
-                   disable_tqdm=True, logging_strategy="no", save_strategy="no", per_device_train_batch_size=1)
+    options = {"output_dir": str(output_dir), "max_steps": steps, "learning_rate": 3e-3, "report_to": [],
+               "use_cpu": True, "disable_tqdm": True, "logging_strategy": "no", "save_strategy": "no",
+               "per_device_train_batch_size": 1}
     options.update(overrides)
     return (kind or transformers.TrainingArguments)(**options)
 
@@ -278,7 +279,7 @@ def test_hf_trainer_checkpoint_resumes_the_exact_stream(recipe_file, ring_name, 
     """train(resume_from_checkpoint=checkpoint-4) in a fresh RingTrainer and ring trains on batches 5..8 of the
     uninterrupted run, with gradient accumulation over 2 batches (so steps 3 and 4 are batches 5..8)."""
     recipe = recipe_file(epochs=None)
-    args = dict(gradient_accumulation_steps=2, save_strategy="steps", save_steps=2)
+    args = {"gradient_accumulation_steps": 2, "save_strategy": "steps", "save_steps": 2}
     first, resumed = [], []
     with ringload.RingDataset(recipe=recipe, name=ring_name) as dataset:
         ring_trainer(transformers.Trainer, first, [], model=tiny_bert(), args=training_args(tmp_path, 4, **args),

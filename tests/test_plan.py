@@ -82,9 +82,8 @@ def test_len_is_a_type_error_that_says_what_to_run(recipe_file, ring_name, corpu
     with ringload.start(recipe, name=ring_name, world_size=2):
         with pytest.raises(TypeError, match=r"ringload plan RECIPE --world-size 2"):
             len(ringload.connect(ring_name, rank=0))
-    with ringload.start(recipe_file(epochs=None), name=ring_name):
-        with pytest.raises(TypeError, match="endlessly"):
-            len(ringload.RingDataset(ring_name))
+    with ringload.start(recipe_file(epochs=None), name=ring_name), pytest.raises(TypeError, match="endlessly"):
+        len(ringload.RingDataset(ring_name))
     make_plan(ringload.load_recipe(recipe))
     with ringload.start(recipe, name=ring_name), ringload.connect(ring_name) as loader:
         assert len(loader) > 0
