@@ -19,6 +19,7 @@ import importlib.util
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,10 +35,11 @@ def load_old_loader(rev: str) -> type:
     """The Loader class of ``ringload/_consumer.py`` at git revision ``rev``, importable next to the current package."""
     source = subprocess.run(["git", "show", f"{rev}:ringload/_consumer.py"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout
-    spec = importlib.util.spec_from_loader("ringload._consumer_old", loader=None)
+    path = Path(tempfile.mkdtemp()) / "_consumer_old.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("ringload._consumer_old", path)  # relative imports: ringload's
     module = importlib.util.module_from_spec(spec)
-    module.__package__ = "ringload"
-    exec(compile(source, f"{rev}:ringload/_consumer.py", "exec"), module.__dict__)
+    spec.loader.exec_module(module)
     return module.Loader
 
 
