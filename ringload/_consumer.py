@@ -54,7 +54,7 @@ from ._layout import (
     write_position_words,
 )
 from ._names import pid_alive
-from ._plan import batches_in, no_length
+from ._plan import batches_in, length_unknown
 from ._resume import STATE_FORMAT, stream_identity
 from ._stream import ResumePoint
 
@@ -200,7 +200,7 @@ class Loader:
         if ``ringload plan`` counted them before the ring started; else TypeError, as for any
         iterator without a length."""
         if self._epoch_batches is None:
-            raise no_length(self.name, self.ring.recipe()["recipe"])
+            raise TypeError(length_unknown(self.name, self.ring.recipe()["recipe"]))
         return batches_in(self._epoch_batches, self._skip_batches, self._max_batches, after=self._delivered_at_connect)
 
     def __next__(self) -> dict[str, Any]:

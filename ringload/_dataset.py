@@ -30,8 +30,8 @@ import torch
 from ._consumer import Loader, stream_state
 from ._errors import RingError
 from ._handle import RingHandle, start
-from ._plan import batches_in, epoch_after, no_length
-from ._recipe import Recipe
+from ._plan import batches_in, epoch_after, find_plan, length_unknown, stream_files
+from ._recipe import Recipe, as_recipe
 
 POSITIONS_KEPT = 64  # batches a framework may fetch ahead of the model and still checkpoint exactly
 
@@ -69,8 +69,9 @@ class RingDataset(torch.utils.data.IterableDataset):
         self._loader: Loader | None = None
         self._resume: dict[str, Any] = dict(resume or {})  # the state the stream (re)started from
         self._stream: tuple[dict[str, Any], int] | None = None  # (stream identity, sources) of the ring
-        self._lengths: tuple[list[int] | None, int, int | None] | None = None  # (plan, skip, max) of the ring
-        self._delivered = 0  # the rank's batches delivered so far in the stream (skipped ones included)
+        # (plan, skip_batches, max_batches, why len() is unknown) of the ring's stream, once learnt
+        self._lengths: tuple[list[int] | None, int, int | None, str] | None = None
+        self._delivered = int(self._resume.get("delivered", 0))  # the rank's batches so far (skipped ones too)
         self._positions: deque[tuple[int, tuple[int, ...]]] = deque(maxlen=POSITIONS_KEPT)  # (number, position)
         self._handed = 0  # batches handed out since the stream (re)started
         self._trained: int | None = None  # batches a framework adapter reported consumed (None: no adapter)
@@ -117,22 +118,27 @@ class RingDataset(torch.utils.data.IterableDataset):
             self._handle = start(self._recipe, resume=self._resume or None, **self._start_options)
         loader = Loader(self.name, **self._connect_options)
         self._stream = (loader._stream, loader._sources)
-        self._lengths = (loader._epoch_batches, loader._skip_batches, loader._max_batches)
+        plan = loader._epoch_batches
+        unknown = "" if plan is not None else length_unknown(loader.name, loader.ring.recipe()["recipe"])
+        self._lengths = (plan, loader._skip_batches, loader._max_batches, unknown)
         self._delivered = loader.delivered
         return loader
 
     def __len__(self) -> int:
         """The batches the next iteration delivers: a whole recipe epoch (the one that iteration
-        starts in or continues), if ``ringload plan`` counted the stream before the ring started;
-        else TypeError, which frameworks read as "no length". Connects to learn the plan, starting
-        a ring the dataset owns."""
-        if self._lengths is None:
-            self._close_loader()
+        starts in or continues), if ``ringload plan`` counted the stream; else TypeError, which
+        frameworks read as "no length". A dataset that owns its ring looks the plan up as ``ringload
+        start`` will; one attached by name connects once to read it from the ring."""
+        if self._lengths is None and self._recipe is not None:
+            recipe = as_recipe(self._recipe)
+            name = self._start_options["name"] or recipe.name
+            self._lengths = (find_plan(recipe, stream_files(recipe)), recipe.skip_batches, recipe.max_batches,
+                             length_unknown(name, recipe.to_dict()))
+        elif self._lengths is None:
             self._connect().close()
-        plan, skip, most = self._lengths
+        plan, skip, most, unknown = self._lengths
         if plan is None:
-            identity, _ = self._stream
-            raise no_length(self.name, identity["recipe"])
+            raise TypeError(unknown)
         epoch = epoch_after(plan, self._delivered)
         return 0 if epoch is None else batches_in(plan, skip, most, epoch=epoch)
 
@@ -181,14 +187,17 @@ class RingDataset(torch.utils.data.IterableDataset):
         state = dict(state or {})
         if self._ring is not None:
             self._close_loader()
-            self._check_attached_ring_at(state)
-        elif state != self._resume or self._handed:
-            self.close()
+            self._delivered = self._check_attached_ring_at(state)
+        else:
+            if state != self._resume or self._handed:
+                self.close()
+            self._delivered = int(state.get("delivered", 0))
         self._resume = state
         self._positions.clear()
         self._handed, self._trained = 0, None if self._trained is None else 0
 
-    def _check_attached_ring_at(self, state: dict[str, Any]) -> None:
+    def _check_attached_ring_at(self, state: dict[str, Any]) -> int:
+        """The batches the attached ring's rank has delivered, if ``state`` is where it stands (or empty)."""
         with Loader(self._ring, **self._connect_options) as loader:
             here = loader.state_dict()
         if state and (state.get("next"), state.get("delivered")) != (here["next"], here["delivered"]):
@@ -197,3 +206,4 @@ class RingDataset(torch.utils.data.IterableDataset):
                 f"{here['delivered']} of its stream; it cannot move to the checkpoint's batch {state.get('delivered')}. "
                 "Restart that ring with `ringload start RECIPE --resume STATE.json`, or let the dataset own its ring: "
                 "RingDataset(recipe=...).")
+        return here["delivered"]

@@ -157,11 +157,12 @@ def epoch_after(epoch_batches: list[int], delivered: int) -> int | None:
     return next((e for e, end in enumerate(itertools.accumulate(epoch_batches)) if end > delivered), None)
 
 
-def no_length(ring: str, recipe: dict[str, Any]) -> TypeError:
-    """Why a ring's loader has no len(), and what to run for one (frameworks read TypeError as "no length")."""
+def length_unknown(ring: str, recipe: dict[str, Any]) -> str:
+    """Why a ring's loaders have no len(), and what to run for one (raised as TypeError, which frameworks
+    read as "no length")."""
     if recipe.get("epochs") is None:
-        return TypeError(f"ring {ring!r} streams endlessly (its recipe has no `epochs`), so it has no length")
+        return f"ring {ring!r} streams endlessly (its recipe has no `epochs`), so it has no length"
     ranks = "".join(f" --{key.replace('_', '-')} {recipe[key]}" for key in ("world_size", "nnodes")
                     if recipe.get(key, 1) > 1)
-    return TypeError(f"the number of batches per epoch of ring {ring!r} is not known: run `ringload plan RECIPE{ranks}` "
-                     "once (it tokenizes the stream to count them), then restart the ring")
+    return (f"the number of batches per epoch of ring {ring!r} is not known: run `ringload plan RECIPE{ranks}` once "
+            "(it tokenizes the stream to count them), then restart the ring")
