@@ -8,10 +8,11 @@ recipe's task (the producers' code, in ``producers`` processes) and keeps only t
 rank gets the same number, so a plan is one count per epoch. Shuffled recipes cut different chunks
 in each epoch, so every epoch is counted.
 
-A plan is stored in the user's cache (``$RINGLOAD_PLANS``, default ``~/.cache/ringload/plans``) under
-a key made of the stream's identity (``_resume.stream_identity``: every recipe key that shapes the
-stream, the ranks included) and the size and modification time of every source file, so editing
-a file or the recipe makes it stale rather than wrong. ``ringload start`` looks the plan up and puts
+A plan is stored in the user's cache (``$RINGLOAD_PLANS``, default ``~/.cache/ringload/plans``) in a
+file named after the stream's identity (``_resume.stream_identity``: every recipe key that shapes
+the stream, the ranks included), with the size and modification time of every source file, so
+editing a file or the recipe makes it stale rather than wrong. Files are looked at (a metadata
+request for a remote one) only when a plan for the stream exists. ``ringload start`` looks the plan up and puts
 the counts into the ring's header (``epoch_batches``), where ``len()`` of a Loader or a RingDataset
 finds them.
 """
@@ -49,10 +50,13 @@ def stream_files(recipe: Recipe) -> list[list[str]]:
     return [expand_paths(source) for source in recipe.sources]
 
 
-def plan_key(recipe: Recipe, files: list[list[str]]) -> dict[str, Any]:
-    """What a plan's counts depend on: the stream's identity and every source file's size and mtime."""
-    return {"stream": stream_identity({"recipe": recipe.to_dict(), "files": files}),
-            "file_stamps": [[_stamp(path, source) for path in paths] for paths, source in zip(files, recipe.sources)]}
+def _identity(recipe: Recipe, files: list[list[str]]) -> dict[str, Any]:
+    return json.loads(json.dumps(stream_identity({"recipe": recipe.to_dict(), "files": files})))  # as stored
+
+
+def _file_stamps(recipe: Recipe, files: list[list[str]]) -> list[list[list[Any]]]:
+    """Every source file's (size, modification time): what besides the stream's identity the counts depend on."""
+    return [[_stamp(path, source) for path in paths] for paths, source in zip(files, recipe.sources)]
 
 
 def _stamp(path: str, source: Any) -> list[Any]:
@@ -66,8 +70,8 @@ def _stamp(path: str, source: Any) -> list[Any]:
     return [info.get("size"), str(changed) if changed is not None else None]
 
 
-def _plan_path(key: dict[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+def _plan_path(identity: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
     return plans_dir() / f"{digest}.json"
 
 
@@ -75,13 +79,15 @@ def find_plan(recipe: Recipe, files: list[list[str]]) -> list[int] | None:
     """Batches per rank of each epoch, if a plan for exactly this stream and these files exists."""
     if recipe.epochs is None:
         return None
-    key = plan_key(recipe, files)
+    identity = _identity(recipe, files)
     try:
-        plan = json.loads(_plan_path(key).read_text())
+        plan = json.loads(_plan_path(identity).read_text())
     except (OSError, ValueError):
         return None
-    if plan.get("format") != PLAN_FORMAT or plan.get("key") != json.loads(json.dumps(key)):
+    if plan.get("format") != PLAN_FORMAT or plan.get("stream") != identity:
         return None
+    if plan.get("file_stamps") != json.loads(json.dumps(_file_stamps(recipe, files))):
+        return None  # a file changed since it was planned
     return [int(n) for n in plan["epoch_batches"]]
 
 
@@ -94,7 +100,7 @@ def make_plan(recipe: Recipe, processes: int | None = None,
         raise RecipeError(f"recipe {recipe.name!r} has no `epochs`: its stream never ends, so an epoch has no "
                           "length; set epochs: N")
     files = stream_files(recipe)
-    key = plan_key(recipe, files)
+    identity, stamps = _identity(recipe, files), _file_stamps(recipe, files)
     counts = [0] * recipe.epochs
     processes = processes or recipe.producers
     chunks = read_stream(recipe, files, on_error=None if recipe.on_bad_record == "fail" else _skip_broken)
@@ -104,10 +110,11 @@ def make_plan(recipe: Recipe, processes: int | None = None,
             counts[epoch] += batches // recipe.dealt_ranks  # every rank's share of the chunk (see _lanes)
             if progress:
                 progress(epoch, counts[epoch])
-    path = _plan_path(key)
+    path = _plan_path(identity)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".tmp{os.getpid()}")
-    partial.write_text(json.dumps({"format": PLAN_FORMAT, "key": key, "epoch_batches": counts}, indent=1))
+    plan = {"format": PLAN_FORMAT, "stream": identity, "file_stamps": stamps, "epoch_batches": counts}
+    partial.write_text(json.dumps(plan, indent=1))
     partial.replace(path)
     return counts, path
 
