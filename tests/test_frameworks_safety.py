@@ -208,3 +208,24 @@ def test_close_copies_out_kept_batches_and_warns_about_derived_views(recipe_file
         with pytest.warns(RuntimeWarning, match="views derived"):
             loader.close()
         assert batch["input_ids"].data_ptr() != row.data_ptr()  # the batch's own tensor was switched
+
+
+def test_a_signal_during_the_wait_is_not_an_error():
+    """A signal with a Python handler (as the SIGCHLD handler a DataLoader with workers installs) interrupting the
+    consumer's wait makes it wait on, not fail: here it ends in LoaderTimeout, not posix_ipc.SignalError."""
+    import signal
+
+    from _ringtools import RingSet
+
+    rings = RingSet()
+    previous = signal.signal(signal.SIGALRM, lambda *_: None)
+    try:
+        name, _ring, _sems = rings.create(lanes=1, slots=4)
+        with ringload.connect(name, timeout=1) as loader:
+            signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)
+            with pytest.raises(ringload.LoaderTimeout):
+                next(loader)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        assert rings.cleanup() == []
