@@ -3,7 +3,7 @@
 Producer processes read raw text, tokenize it and write fixed-size batches straight into a
 POSIX shared-memory ring; the training process iterates over them as torch tensors that are
 views of the ring. Start a ring with ``ringload start RECIPE`` (or :func:`start`), consume it
-with :func:`connect`.
+with :func:`connect`, or as a torch ``IterableDataset`` with :class:`RingDataset`.
 
 The package loads lazily: ``import ringload`` imports nothing heavy, and each name below
 imports only the module that defines it when first used, so a training process that only
@@ -24,6 +24,7 @@ _HOMES = {
     "RecipeError": "_errors",
     "RingError": "_errors",
     "RingloadError": "_errors",
+    "RingDataset": "_dataset",
     "RingHandle": "_handle",
     "start": "_handle",
     "Field": "_layout",
@@ -60,6 +61,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from ._consumer import Loader, connect
+    from ._dataset import RingDataset
     from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RecipeError, RingError, RingloadError
     from ._flatten import flatten_packed
     from ._handle import RingHandle, start

@@ -58,6 +58,27 @@ def start(recipe: str, name: str | None, producers: int | None, world_size: int 
 
 
 @main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--world-size", type=click.IntRange(1, 64), help="Consumer ranks per node, as `ringload start` will get.")
+@click.option("--nnodes", type=click.IntRange(1), help="Nodes, as `ringload start` will get.")
+@click.option("--processes", type=click.IntRange(1, 256), help="Tokenizing processes (default: the recipe's producers).")
+def plan(recipe: str, world_size: int | None, nnodes: int | None, processes: int | None) -> None:
+    """Count the batches each rank gets per epoch of RECIPE (tokenizing it once), for len() of its loaders.
+
+    The counts are stored in the user's cache, keyed by the stream and its files' sizes and times;
+    `ringload start` of the same recipe, ranks and files picks them up."""
+    from ._plan import make_plan
+    from ._recipe import load_recipe
+
+    loaded = load_recipe(recipe).replace(world_size=world_size, nnodes=nnodes)
+    counts, path = make_plan(loaded, processes)
+    ranks = loaded.world_size * loaded.nnodes
+    for epoch, batches in enumerate(counts):
+        click.echo(f"epoch {epoch}: {batches} batches per rank ({ranks} rank{'s' if ranks > 1 else ''})")
+    click.echo(f"plan stored in {path}")
+
+
+@main.command()
 @click.argument("name")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait before killing the daemon.")
 def stop(name: str, timeout: float) -> None:

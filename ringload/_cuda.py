@@ -71,7 +71,7 @@ class CudaStager:
         except StopIteration:
             self.exhausted = True
             return False
-        host = self.loader._host_batch(lane, seq)
+        _, host = self.loader._host_batch(lane, seq)  # the slot is released explicitly, after its copy
         if not self.registered:
             buffer = self.staging[self._staging_turn]
             self._staging_turn = (self._staging_turn + 1) % len(self.staging)
@@ -96,7 +96,7 @@ class CudaStager:
     def _release_finished(self) -> None:
         while self.handed_out and self.handed_out[0][2].query():
             lane, seq, _ = self.handed_out.popleft()
-            self.loader._release(lane, seq)
+            self.loader._done_with(lane, seq)
 
     def next(self) -> dict[str, Any]:
         self._release_finished()
@@ -119,7 +119,7 @@ class CudaStager:
         self.stream.synchronize()
         while self.handed_out:
             lane, seq, _ = self.handed_out.popleft()
-            self.loader._release(lane, seq)
+            self.loader._done_with(lane, seq)
         # Staged but never handed out: the next consumer finds them as lane heads and delivers them.
         self.in_flight.clear()
         if self.registered:

@@ -52,6 +52,7 @@ from ._http import SourceMeter
 from ._lanes import STAT_WORDS, LaneWord, Semaphores, last_published, repair_after_producer_death, unlink_semaphores
 from ._layout import Field, Geometry, Position, Ring, State, Word, write_position
 from ._names import list_ring_names, list_semaphore_rings, pid_alive, run_dir, shm_name, validate_name
+from ._plan import find_plan
 from ._producer import ERROR, WANT, encode_chunk, producer_main
 from ._recipe import Recipe
 from ._resume import check_state, stream_identity
@@ -164,6 +165,9 @@ class Daemon:
             # The engine the producers encode with (they make the same choice from the same files).
             header_recipe = {"recipe": self.recipe.to_dict(), "files": files,
                              "tokenizer_engine": self.task.tok.engine.to_dict()}
+            plan = find_plan(self.recipe, files)
+            if plan is not None:
+                header_recipe["epoch_batches"] = plan  # batches per rank of each epoch, for the consumers' len()
             start = None
             if self.resume_state is not None:
                 start, position, delivered = check_state(self.resume_state, stream_identity(header_recipe))

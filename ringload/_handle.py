@@ -13,7 +13,7 @@ import yaml
 
 from ._daemon import launch, log_file, remove_ring
 from ._names import validate_name
-from ._recipe import Recipe, load_recipe, parse_recipe
+from ._recipe import Recipe, as_recipe
 
 
 class RingHandle:
@@ -55,13 +55,7 @@ def start(recipe: str | os.PathLike[str] | dict[str, Any] | Recipe, name: str | 
     ``Loader.state_dict()``; the stream continues right after the batch it was taken at.
     ``world_size`` (ranks on this node), ``nnodes`` and ``node_rank`` override the recipe's.
     """
-    if isinstance(recipe, Recipe):
-        parsed = recipe
-    elif isinstance(recipe, dict):
-        parsed = parse_recipe(recipe, base_dir=Path.cwd())
-    else:
-        parsed = load_recipe(recipe)
-    parsed = parsed.replace(world_size=world_size, nnodes=nnodes, node_rank=node_rank)
+    parsed = as_recipe(recipe).replace(world_size=world_size, nnodes=nnodes, node_rank=node_rank)
     ring_name = validate_name(name if name is not None else parsed.name)
     log_path = log_file(ring_name)
     recipe_path = log_path.with_suffix(".recipe.yaml")

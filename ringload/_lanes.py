@@ -171,11 +171,13 @@ def unlink_semaphores(ring_name: str, lanes: int, ranks: int = 1) -> None:
 
 
 def acquire(sem: posix_ipc.Semaphore, timeout: float) -> bool:
-    """Take one token, waiting up to ``timeout`` seconds (0 = don't wait)."""
+    """Take one token, waiting up to ``timeout`` seconds (0 = don't wait). False if none came, or if a
+    signal cut the wait short (e.g. the SIGCHLD handler a DataLoader with workers installs in the
+    training process): every caller re-checks and waits again."""
     try:
         sem.acquire(timeout)
         return True
-    except posix_ipc.BusyError:
+    except (posix_ipc.BusyError, posix_ipc.SignalError):
         return False
 
 

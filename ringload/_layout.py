@@ -433,11 +433,19 @@ class Ring:
 
     def slot_arrays(self, lane: int, slot: int) -> dict[str, np.ndarray]:
         """Writable zero-copy numpy views of one slot's fields."""
-        base = self.slots_offset + (lane * self.geometry.slots + slot) * self.slot_size
-        return {
-            f.name: np.frombuffer(self._mem, dtype=f.dtype, count=prod(f.shape), offset=base + off).reshape(f.shape)
-            for f, off in zip(self.geometry.fields, self.field_offsets)
-        }
+        return self.field_views(self.slot_buffer(lane, slot))
+
+    def slot_buffer(self, lane: int, slot: int) -> np.ndarray:
+        """A new uint8 array over one slot's bytes. Views made from it by :meth:`field_views` keep it
+        alive (numpy stops collapsing ``.base`` at the first non-array), which is how the consumer
+        knows when nothing references a slot any more."""
+        start = self.slots_offset + (lane * self.geometry.slots + slot) * self.slot_size
+        return np.frombuffer(self._mem, dtype=np.uint8, count=self.slot_size, offset=start)
+
+    def field_views(self, buffer: np.ndarray, names: frozenset[str] | None = None) -> dict[str, np.ndarray]:
+        """The fields (all, or those in ``names``) of a :meth:`slot_buffer` as views whose base is it."""
+        return {f.name: np.ndarray(f.shape, f.dtype, buffer=buffer, offset=off)
+                for f, off in zip(self.geometry.fields, self.field_offsets) if names is None or f.name in names}
 
 
 def _now_ns() -> int:

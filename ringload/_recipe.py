@@ -117,6 +117,15 @@ _TOP_KEYS = {f for f in Recipe.__dataclass_fields__} | {"source"}
 _SOURCE_KEYS = {f for f in Source.__dataclass_fields__}
 
 
+def as_recipe(recipe: str | os.PathLike[str] | dict[str, Any] | Recipe) -> Recipe:
+    """A recipe given as a file, a mapping (relative paths taken from the current directory) or a Recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return parse_recipe(recipe, base_dir=Path.cwd())
+    return load_recipe(recipe)
+
+
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     """Read and check a recipe file; relative paths in it are taken relative to the file."""
     path = Path(path)

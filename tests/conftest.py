@@ -128,6 +128,16 @@ def drain(name: str, limit: int | None = None, timeout: float = 30.0) -> list[di
     return batches
 
 
+def batch_checksum(batch: dict) -> int:
+    """CRC32 of every field's bytes, in key order: a tag of a batch's contents."""
+    import zlib
+
+    crc = 0
+    for key in sorted(batch):
+        crc = zlib.crc32(batch[key].numpy().tobytes(), crc)
+    return crc
+
+
 def assert_same_stream(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> None:
     assert len(a) == len(b), f"{len(a)} batches vs {len(b)}"
     for i, (x, y) in enumerate(zip(a, b)):
