@@ -127,7 +127,7 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
                     break
                 laps[j][0] += 1
                 laps[j][1] = _lap(recipe, recipe.sources[j], j, files[j], epoch, laps[j][0], None, on_error, meter,
-                                  split_long_records, recipe.max_record_bytes)
+                                  split_long_records)
                 chunk = next(laps[j][1], None)
                 if chunk is None:
                     break  # a source with no records at all
