@@ -43,6 +43,8 @@ def main(ring: str, out_dir: str, steps: int) -> None:
     Path(out_dir, f"rank{accelerator.process_index}.json").write_text(json.dumps(
         {"process_index": accelerator.process_index, "batches": batches, "weights": round(weights, 6)}))
     accelerator.wait_for_everyone()
+    # Tear the process group down before exit: gloo's threads left running at exit abort the process.
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
