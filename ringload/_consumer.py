@@ -113,6 +113,7 @@ class Loader:
         # slot's base array, weak references to the handed-out tensors that view the ring).
         self._outstanding: dict[tuple[int, int], tuple[weakref.finalize, list[weakref.ref]]] = {}
         self._freed: deque[tuple[int, int]] = deque()  # appended by finalizers, from any thread
+        self._copied: set[tuple[int, int]] = set()  # handed-out batches switched to private copies
         self._done: list[set[int]] = [set() for _ in range(self._lanes)]  # seqs done with, waiting for older ones
         self._copy = copy
         self._last_lane = 0  # position in _own_lanes where the last due batch was found
@@ -203,6 +204,7 @@ class Loader:
         while freed:
             key = freed.popleft()
             self._outstanding.pop(key, None)
+            self._copied.discard(key)
             self._done_with(*key)
 
     # -- iteration ---------------------------------------------------------------------------
@@ -271,12 +273,36 @@ class Loader:
                 deadline, collect_at = now + self.timeout, now + COLLECT_AFTER_S
                 waiting_since = time.monotonic_ns()
             self._drain_freed()
-            if now > collect_at and self._lane_held_full():
-                collect_at = deadline  # once: batches kept alive only by reference cycles free their slots
-                gc.collect()
-                self._drain_freed()
+            if self._lane_held_full():
+                # A lane whose every slot the caller still holds: its producer cannot write. The batch
+                # that holds up the lane moves to private memory, unless a view derived from it (a slice)
+                # still points into the slot; that one the caller must let go of (or wait for the gc).
+                self._copy_out_oldest()
+                if now > collect_at and self._lane_held_full():
+                    collect_at = deadline  # once: batches kept alive only by reference cycles free their slots
+                    gc.collect()
+                    self._drain_freed()
             self._check_health(deadline)
             acquire(self._doorbell, POLL_S)
+
+    def _copy_out_oldest(self) -> None:
+        """In every lane the consumer holds full, switch the oldest batch still handed out (the one its
+        ``released`` counter waits for) to a private copy, once; its tensors keep their values."""
+        for lane in self._own_lanes:
+            key = (lane, self._released[lane])
+            if self._taken[lane] - self._released[lane] >= self._slots and key in self._outstanding:
+                if key not in self._copied:
+                    self._copied.add(key)
+                    self._switch_to_copies(self._outstanding[key][1])
+        self._drain_freed()
+
+    def _switch_to_copies(self, views: list[weakref.ref]) -> None:
+        """Point each handed-out tensor still alive at a private copy of its contents."""
+        with self._torch.no_grad():
+            for ref in views:
+                tensor = ref()
+                if tensor is not None:
+                    tensor.set_(tensor.clone())
 
     def _lane_held_full(self) -> bool:
         """True if the consumer holds every slot of one of its lanes (its producer cannot write)."""
@@ -460,18 +486,15 @@ class Loader:
         self._drain_freed()
         if not self._outstanding:
             return
-        with self._torch.no_grad():
-            for _, views in self._outstanding.values():
-                for ref in views:
-                    tensor = ref()
-                    if tensor is not None:
-                        tensor.set_(tensor.clone())
+        for _, views in self._outstanding.values():
+            self._switch_to_copies(views)
         self._drain_freed()  # the bases that only those tensors kept alive
         still_viewed = len(self._outstanding)
         for (lane, seq), (finalizer, _) in sorted(self._outstanding.items()):
             finalizer.detach()
             self._done_with(lane, seq)
         self._outstanding.clear()
+        self._copied.clear()
         if still_viewed:
             warnings.warn(
                 f"ringload: ring {self.name!r} was closed while {still_viewed} batches were still referenced through "

@@ -229,3 +229,22 @@ def test_a_signal_during_the_wait_is_not_an_error():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         assert rings.cleanup() == []
+
+
+def test_a_batch_kept_for_good_does_not_stall_its_lane(recipe_file, ring_name):
+    """A caller that keeps its first batch while reading many times a lane's slots: the stream flows, and
+    the kept batch (moved to private memory when its lane filled up) keeps its contents; a slice taken
+    from a batch holds its slot until dropped, and the timeout message says so."""
+    with ringload.start(recipe_file(slots=4, epochs=None), name=ring_name), \
+            ringload.connect(ring_name, timeout=10) as loader:
+        first = next(loader)
+        kept = checksum(first)
+        for _ in range(60):  # 15 times a lane's 4 slots
+            next(loader)
+        assert checksum(first) == kept
+        sliced = next(loader)["input_ids"][:2]
+        with pytest.raises(ringload.LoaderTimeout, match="still referenced"):
+            for _ in range(60):
+                next(loader)
+        del sliced
+        next(loader)
