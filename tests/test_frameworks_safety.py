@@ -152,21 +152,16 @@ def test_copy_true_batches_hold_no_slot(recipe_file, ring_name):
             assert not any(region[0] <= t.data_ptr() < region[1] for batch, _ in kept for t in batch.values())
 
 
-def test_keeping_every_slot_times_out_with_advice_then_letting_go_continues(recipe_file, ring_name):
-    """Holding batches until a lane has no free slot ends in LoaderTimeout that says why; dropping them resumes
-    the stream, every kept batch intact meanwhile."""
+def test_keeping_more_batches_than_slots_keeps_the_stream_flowing(recipe_file, ring_name):
+    """Holding on to every batch, far more than the lanes' slots: the stream goes on (the batches that hold
+    up a lane move to private memory) and every kept batch stays intact."""
     with ringload.start(recipe_file(epochs=None, slots=4), name=ring_name):
-        with ringload.connect(ring_name, timeout=2) as loader:
+        with ringload.connect(ring_name, timeout=10) as loader:
             kept = []
-            with pytest.raises(ringload.LoaderTimeout) as raised:
-                for _ in range(4 * 2 + 1):  # more than both lanes' slots together
-                    batch = next(loader)
-                    kept.append((batch, checksum(batch)))
-            message = str(raised.value)
-            assert "still referenced" in message and "copy=True" in message and ".clone()" in message
+            for _ in range(4 * 2 * 5):  # five times both lanes' slots together
+                batch = next(loader)
+                kept.append((batch, checksum(batch)))
             assert all(checksum(batch) == tag for batch, tag in kept)
-            kept.clear()
-            assert next(loader)["input_ids"].shape == (8, 64)
 
 
 def test_batches_held_only_by_reference_cycles_are_collected_while_waiting(recipe_file, ring_name):
