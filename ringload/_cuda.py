@@ -6,7 +6,9 @@ ahead, a dedicated copy stream issues ``non_blocking`` host-to-device copies (an
 the dtypes the model wants, on the device) and records an event per batch. Handing a batch out
 makes the caller's current stream wait on that event, and ``record_stream`` tells PyTorch's
 allocator that the caller's stream uses the tensors. A slot goes back to its producer only once
-the event says its copy has finished, so a producer never overwrites memory a copy still reads.
+the event says its copy has finished, so a producer never overwrites memory a copy still reads;
+when every slot of a lane is held that way, the stager waits for the oldest copy (its producer
+cannot publish until a slot comes back) rather than for a batch that cannot arrive.
 
 If registration fails (e.g. a locked-memory limit), batches go through a pinned staging buffer
 instead: one extra host memcpy per batch, announced once with a warning.
@@ -47,13 +49,14 @@ class CudaStager:
         length = len(lanes) * ring.geometry.slots * ring.slot_size
         self._region = np.frombuffer(ring._mem, dtype=np.uint8, count=length, offset=start)
         self._pointer = self._region.ctypes.data
-        code = torch.cuda.cudart().cudaHostRegister(self._pointer, length, CUDA_HOST_REGISTER_PORTABLE)
-        self.registered = int(code) == 0
+        code = self._register(self._pointer, length)
+        self.registered = code == 0
         self.staging: list[dict[str, Any]] = []
+        self._staging_copied: list[Any] = []  # per staging buffer: the event of the last copy out of it
         if not self.registered:
             warnings.warn(
                 f"ringload: cudaHostRegister of ring {loader.name!r} ({length / 2**20:.1f} MiB) failed with CUDA error "
-                f"{int(code)}; staging through a pinned buffer instead (one extra host copy per batch). Raise the "
+                f"{code}; staging through a pinned buffer instead (one extra host copy per batch). Raise the "
                 "locked-memory limit (ulimit -l) to avoid it.", RuntimeWarning, stacklevel=3)
             fields = ring.geometry.fields
             self.staging = [
@@ -61,7 +64,12 @@ class CudaStager:
                  if f.name in loader._handed}
                 for _ in range(self.prefetch + 1)
             ]
+            self._staging_copied = [None] * len(self.staging)
             self._staging_turn = 0
+
+    def _register(self, pointer: int, length: int) -> int:
+        """Page-lock ``length`` bytes at ``pointer`` for the GPU's copy engine; the CUDA error code (0: done)."""
+        return int(self.torch.cuda.cudart().cudaHostRegister(pointer, length, CUDA_HOST_REGISTER_PORTABLE))
 
     def _stage_one(self) -> bool:
         """Start the copy of the next batch; False at the end of the stream."""
@@ -72,10 +80,13 @@ class CudaStager:
             self.exhausted = True
             return False
         _, host = self.loader._host_batch(lane, seq)  # the slot is released explicitly, after its copy
+        turn = None
         if not self.registered:
-            buffer = self.staging[self._staging_turn]
-            self._staging_turn = (self._staging_turn + 1) % len(self.staging)
-            staged = {}
+            turn = self._staging_turn
+            self._staging_turn = (turn + 1) % len(self.staging)
+            if self._staging_copied[turn] is not None:
+                self._staging_copied[turn].synchronize()  # the buffer's previous batch has left it
+            buffer, staged = self.staging[turn], {}
             for name, tensor in host.items():
                 target = buffer[name][tuple(slice(0, n) for n in tensor.shape)]
                 target.copy_(tensor)
@@ -88,19 +99,31 @@ class CudaStager:
             }
             event = torch.cuda.Event()
             event.record(self.stream)
-        if not self.registered:
-            event.synchronize()  # the staging buffer is reused prefetch + 1 batches from now
+        if turn is not None:
+            self._staging_copied[turn] = event
         self.in_flight.append((lane, seq, device_batch, event))
         return True
 
     def _release_finished(self) -> None:
+        """Give back the slots of handed-out batches whose copies have finished, oldest first."""
         while self.handed_out and self.handed_out[0][2].query():
             lane, seq, _ = self.handed_out.popleft()
             self.loader._done_with(lane, seq)
 
-    def next(self) -> dict[str, Any]:
+    def _make_room(self) -> None:
+        """Release finished copies; while one of this rank's lanes has every slot held (its producer
+        cannot publish the batch the stream may be waiting for), wait for the oldest copy instead of
+        only asking whether it has finished."""
         self._release_finished()
+        while self.handed_out and self.loader._lane_held_full():
+            self.handed_out[0][2].synchronize()
+            self._release_finished()
+
+    def next(self) -> dict[str, Any]:
         while not self.exhausted and len(self.in_flight) < self.prefetch:
+            self._make_room()
+            if self.in_flight and self.loader._lane_held_full():
+                break  # a lane's every slot is staged: hand those batches out before staging more
             if not self._stage_one():
                 break
         if not self.in_flight:
