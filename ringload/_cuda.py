@@ -18,50 +18,53 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from ._consumer import Loader
+    from ._rank import RankReader
 
 CUDA_HOST_REGISTER_PORTABLE = 1
 
 
 class CudaStager:
-    """Keeps ``prefetch`` batches in flight to the GPU for a :class:`Loader`."""
+    """Keeps ``prefetch`` batches in flight to the GPU for one rank.
 
-    def __init__(self, loader: Loader, prefetch: int):
+    It takes batches through the rank's :class:`~ringload._rank.RankReader` (``next_due``,
+    ``mark_delivered`` when one is handed out, ``done_with`` once its copy finished), reads a slot
+    through ``host_batch(lane, seq)`` (the consumer's host tensors over the slot, trimmed as asked)
+    and page-locks the rank's slots (``Ring.rank_slots``)."""
+
+    def __init__(self, reader: RankReader, host_batch: Callable[[int, int], tuple[Any, dict[str, Any]]],
+                 handed: list[str], device: Any, dtypes: dict[str, Any], prefetch: int):
         import torch
 
         self.torch = torch
-        self.loader = loader
-        self.device = loader.device
+        self.reader, self.host_batch, self.device, self.dtypes = reader, host_batch, device, dtypes
         self.prefetch = max(1, prefetch)
         self.stream = torch.cuda.Stream(self.device)
         self.in_flight: deque[tuple[int, int, dict[str, Any], Any]] = deque()  # staged, not handed out
         self.handed_out: deque[tuple[int, int, Any]] = deque()  # handed out, slot not yet released
         self.exhausted = False
-        ring = loader.ring
-        # Only this rank's lanes: they are contiguous (lane r * P + p), so each rank pins its own slots.
-        lanes = ring.rank_lanes(loader.rank)
-        start = ring.slots_offset + lanes[0] * ring.geometry.slots * ring.slot_size
-        length = len(lanes) * ring.geometry.slots * ring.slot_size
-        self._region = np.frombuffer(ring._mem, dtype=np.uint8, count=length, offset=start)
+        ring = reader.ring
+        # This rank's lanes are contiguous (lane r * P + p), so each rank pins its own slots.
+        self._region: np.ndarray | None = ring.rank_slots(reader.rank)
         self._pointer = self._region.ctypes.data
+        length = self._region.nbytes
         code = self._register(self._pointer, length)
         self.registered = code == 0
         self.staging: list[dict[str, Any]] = []
         self._staging_copied: list[Any] = []  # per staging buffer: the event of the last copy out of it
         if not self.registered:
             warnings.warn(
-                f"ringload: cudaHostRegister of ring {loader.name!r} ({length / 2**20:.1f} MiB) failed with CUDA error "
+                f"ringload: cudaHostRegister of ring {ring.name!r} ({length / 2**20:.1f} MiB) failed with CUDA error "
                 f"{code}; staging through a pinned buffer instead (one extra host copy per batch). Raise the "
                 "locked-memory limit (ulimit -l) to avoid it.", RuntimeWarning, stacklevel=3)
-            fields = ring.geometry.fields
             self.staging = [
-                {f.name: torch.empty(f.shape, dtype=_torch_dtype(torch, f.dtype)).pin_memory() for f in fields
-                 if f.name in loader._handed}
+                {f.name: torch.empty(f.shape, dtype=_torch_dtype(torch, f.dtype)).pin_memory()
+                 for f in ring.geometry.fields if f.name in handed}
                 for _ in range(self.prefetch + 1)
             ]
             self._staging_copied = [None] * len(self.staging)
@@ -71,15 +74,15 @@ class CudaStager:
         """Page-lock ``length`` bytes at ``pointer`` for the GPU's copy engine; the CUDA error code (0: done)."""
         return int(self.torch.cuda.cudart().cudaHostRegister(pointer, length, CUDA_HOST_REGISTER_PORTABLE))
 
-    def _stage_one(self) -> bool:
-        """Start the copy of the next batch; False at the end of the stream."""
+    def _stage_one(self, epoch: int | None) -> bool:
+        """Start the copy of the next batch; False at the end of the stream (or of ``epoch``)."""
         torch = self.torch
         try:
-            lane, seq = self.loader._next_slot()
+            lane, seq = self.reader.next_due(epoch=epoch)
         except StopIteration:
             self.exhausted = True
             return False
-        _, host = self.loader._host_batch(lane, seq)  # the slot is released explicitly, after its copy
+        _, host = self.host_batch(lane, seq)  # the slot is released explicitly, after its copy
         turn = None
         if not self.registered:
             turn = self._staging_turn
@@ -94,7 +97,7 @@ class CudaStager:
             host = staged
         with torch.cuda.stream(self.stream):
             device_batch = {
-                name: tensor.to(self.device, non_blocking=True).to(self.loader.dtypes.get(name, tensor.dtype))
+                name: tensor.to(self.device, non_blocking=True).to(self.dtypes.get(name, tensor.dtype))
                 for name, tensor in host.items()
             }
             event = torch.cuda.Event()
@@ -108,23 +111,24 @@ class CudaStager:
         """Give back the slots of handed-out batches whose copies have finished, oldest first."""
         while self.handed_out and self.handed_out[0][2].query():
             lane, seq, _ = self.handed_out.popleft()
-            self.loader._done_with(lane, seq)
+            self.reader.done_with(lane, seq)
 
     def _make_room(self) -> None:
         """Release finished copies; while one of this rank's lanes has every slot held (its producer
         cannot publish the batch the stream may be waiting for), wait for the oldest copy instead of
         only asking whether it has finished."""
         self._release_finished()
-        while self.handed_out and self.loader._lane_held_full():
+        while self.handed_out and self.reader.lane_held_full():
             self.handed_out[0][2].synchronize()
             self._release_finished()
 
-    def next(self) -> dict[str, Any]:
+    def next(self, epoch: int | None = None) -> dict[str, Any]:
+        """The next batch on the device (its copy ordered before the caller's stream's next work)."""
         while not self.exhausted and len(self.in_flight) < self.prefetch:
             self._make_room()
-            if self.in_flight and self.loader._lane_held_full():
+            if self.in_flight and self.reader.lane_held_full():
                 break  # a lane's every slot is staged: hand those batches out before staging more
-            if not self._stage_one():
+            if not self._stage_one(epoch):
                 break
         if not self.in_flight:
             raise StopIteration
@@ -133,7 +137,7 @@ class CudaStager:
         current.wait_event(event)
         for tensor in batch.values():
             tensor.record_stream(current)
-        self.loader._mark_delivered(lane, seq)
+        self.reader.mark_delivered(lane, seq)
         self.handed_out.append((lane, seq, event))
         return batch
 
@@ -142,7 +146,7 @@ class CudaStager:
         self.stream.synchronize()
         while self.handed_out:
             lane, seq, _ = self.handed_out.popleft()
-            self.loader._done_with(lane, seq)
+            self.reader.done_with(lane, seq)
         # Staged but never handed out: the next consumer finds them as lane heads and delivers them.
         self.in_flight.clear()
         if self.registered:

@@ -57,7 +57,8 @@ from ._producer import ERROR, WANT, encode_chunk, producer_main
 from ._recipe import Recipe
 from ._resume import check_state, stream_identity
 from ._sources import Chunk, Hooks, bad_record_stop, expand_paths, parse_records, record_origin
-from ._stream import ResumePoint, read_stream
+from ._stream import read_stream
+from ._types import ResumePoint
 from ._tasks import Task, build_task
 
 HEARTBEAT_S = 0.25
@@ -163,7 +164,7 @@ class Daemon:
                                    self.recipe.tokenizer_engine)
             geometry = geometry_for(self.recipe, self.task)
             # The engine the producers encode with (they make the same choice from the same files).
-            header_recipe = {"recipe": self.recipe.to_dict(), "files": files,
+            header_recipe = {"recipe": self.recipe.to_dict(), "files": files, "dealing": self.recipe.dealing.to_dict(),
                              "tokenizer_engine": self.task.tok.engine.to_dict()}
             plan = find_plan(self.recipe, files)
             if plan is not None:
@@ -183,7 +184,7 @@ class Daemon:
         for rank in range(geometry.ranks):
             # Rank r's first batch of a chunk is index g (its global rank). A state is rank-independent:
             # its `next` holds the due chunk and the index due for global rank 0.
-            first = self.recipe.first_dealt_rank + rank
+            first = self.recipe.dealing.first_index(rank)
             due = (Position(0, first) if start is None else
                    Position(position[0], position[1] + first, delivered, start.words()))
             write_position(self.ring.words, self.ring.consumer_block(rank), due)
@@ -557,12 +558,12 @@ class Daemon:
         """Where a replacement resumes ``chunk_id``: past the highest index the producer's lanes published
         (it publishes in index order, so every lower index of its ranks is out too)."""
         newest = [last_published(self.ring, lane) for lane in lanes]
-        return max((n[1] + 1 for n in newest if n and n[0] == chunk_id), default=0)
+        return max((n.index + 1 for n in newest if n and n.chunk == chunk_id), default=0)
 
     def _finished(self, lanes: list[int], chunk_id: int) -> bool:
         """True if every rank's lane has published its flagged last batch of the chunk."""
         newest = [last_published(self.ring, lane) for lane in lanes]
-        return all(n and n[0] == chunk_id and n[2] for n in newest)
+        return all(n and n.chunk == chunk_id and n.last_in_chunk for n in newest)
 
 
 def _listing(files: list[str], shown: int = 3) -> str:

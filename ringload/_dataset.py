@@ -103,7 +103,7 @@ class RingDataset(torch.utils.data.IterableDataset):
             loader._epoch_only = epoch
             for batch in loader:
                 self._handed += 1
-                position = loader._position()
+                position = loader._reader.position()
                 self._positions.append((self._handed, position))
                 self._delivered = position[0]
                 yield batch

@@ -72,8 +72,9 @@ from collections.abc import Callable
 import posix_ipc
 
 from ._errors import RingError
-from ._layout import FLAG_LAST_IN_CHUNK, Ring, SlotWord
+from ._layout import FLAG_LAST_IN_CHUNK, Ring, SlotHeader, SlotWord
 from ._names import doorbell_sem_name, filled_sem_name, free_sem_name
+from ._types import Cursor
 
 
 class LaneWord:
@@ -223,44 +224,97 @@ class LaneWriter:
             if not keep_waiting():
                 raise InterruptedError("lane wait abandoned")
 
-    def publish(self, seq: int, chunk: int, index: int, rows: int, last: bool, cursor: tuple[int, ...],
+    def publish(self, seq: int, chunk: int, index: int, rows: int, last: bool, cursor: Cursor,
                 records_done: int, tokens: int, checksum: int = 0) -> None:
-        """Stamp the slot header, then make the slot visible: published, post filled, post doorbell.
-
-        ``cursor`` is ``Chunk.cursor``: epoch, file index, offset, line, part, source, lap, pick."""
+        """Stamp the slot header, then make the slot visible: published, post filled, post doorbell."""
+        header = SlotHeader(seq, chunk, index, rows, FLAG_LAST_IN_CHUNK if last else 0, records_done, tokens,
+                            checksum, cursor)
+        header.store(self.words, self.ring.slot_word(self.lane, seq % self.slots, 0))
         w = self.words
-        base = self.ring.slot_word(self.lane, seq % self.slots, 0)
-        epoch, file_index, chunk_offset, chunk_line, part, source, lap, pick = cursor
-        w[base + SlotWord.CHUNK] = chunk
-        w[base + SlotWord.INDEX] = index
-        w[base + SlotWord.ROWS] = rows
-        w[base + SlotWord.FLAGS] = FLAG_LAST_IN_CHUNK if last else 0
-        w[base + SlotWord.EPOCH] = epoch
-        w[base + SlotWord.FILE_INDEX] = file_index
-        w[base + SlotWord.CHUNK_OFFSET] = chunk_offset
-        w[base + SlotWord.CHUNK_LINE] = chunk_line
-        w[base + SlotWord.RECORDS_DONE] = records_done
-        w[base + SlotWord.TOKENS] = tokens
-        w[base + SlotWord.CHECKSUM] = checksum
-        w[base + SlotWord.PART] = part
-        w[base + SlotWord.SOURCE] = source
-        w[base + SlotWord.LAP] = lap
-        w[base + SlotWord.PICK] = pick
-        w[base + SlotWord.SEQ] = seq
         w[self._published] = seq + 1
         self._filled.release()
         w[self._posted] = seq + 1
         self._doorbell.release()
 
 
-def last_published(ring: Ring, lane: int) -> tuple[int, int, bool] | None:
-    """(chunk, index, last-in-chunk) of the lane's newest published batch, or None if it has none."""
+class LaneReader:
+    """The consumer's end of one lane: take published batches in order, give their slots back in
+    order, and, for a consumer taking over from a dead one, restore the lane's tokens.
+
+    Only this reader writes ``taken`` and ``released``, so it keeps them in Python ints and stores
+    each change to the lane block (where a successor and ``ringload status`` read them)."""
+
+    def __init__(self, ring: Ring, sems: Semaphores, lane: int):
+        self.ring, self.lane = ring, lane
+        self.words = w = ring.words
+        self.slots = ring.geometry.slots
+        self._batch_size = ring.geometry.batch_size
+        self._filled, self._free = sems.filled[lane], sems.free[lane]
+        self._published = ring.lane_word(lane, LaneWord.PUBLISHED)
+        self._taken_word = ring.lane_word(lane, LaneWord.TAKEN)
+        self._released_word = ring.lane_word(lane, LaneWord.RELEASED)
+        self.taken = w[self._taken_word]  # batches s < taken have been taken
+        self.released = w[self._released_word]  # slots of s < released are free again
+        self.absorbed = 0  # surplus `filled` tokens the counters did not back (only a repair leaves them)
+
+    @property
+    def held(self) -> int:
+        """Batches taken and not yet released (at most ``slots``)."""
+        return self.taken - self.released
+
+    def header_word(self, seq: int, word: int) -> int:
+        """Word ``word`` (a ``SlotWord``) of the header of batch ``seq``'s slot."""
+        return self.words[self.ring.slot_word(self.lane, seq % self.slots, word)]
+
+    def header(self, seq: int) -> SlotHeader:
+        return SlotHeader.of(self.words, self.ring.slot_word(self.lane, seq % self.slots, 0))
+
+    def take(self, timeout: float = 0.0) -> int | None:
+        """Take the next published batch and return its sequence number, or None if none is announced
+        within ``timeout`` seconds (the consumer passes 0 and sleeps on its rank's doorbell instead).
+        Raises RingError if the slot's stamp says it does not hold that batch."""
+        w = self.words
+        while acquire(self._filled, timeout):
+            seq = self.taken
+            if w[self._published] <= seq:
+                self.absorbed += 1  # a surplus token left by a repair: absorb it and look again
+                timeout = 0.0
+                continue
+            stamp, rows = self.header_word(seq, SlotWord.SEQ), self.header_word(seq, SlotWord.ROWS)
+            if stamp != seq or not 0 <= rows <= self._batch_size:
+                raise RingError(f"ring {self.ring.name!r}: lane {self.lane} slot {seq % self.slots} holds a torn batch "
+                                f"(stamp {stamp}, expected {seq})")
+            self.taken = seq + 1
+            w[self._taken_word] = seq + 1
+            return seq
+        return None
+
+    def release(self, seq: int) -> None:
+        """Give the slot of batch ``seq`` back to the producer; slots go back in sequence order."""
+        if seq != self.released:
+            raise RingError(f"ring {self.ring.name!r}: lane {self.lane} released out of order "
+                            f"({seq} != {self.released})")
+        self.released = seq + 1
+        self.words[self._released_word] = seq + 1
+        self._free.release()
+
+    def repair_after_consumer_death(self) -> None:
+        """Restore the tokens a consumer killed mid-step may have lost (its successor calls this,
+        after taking over the counters): a ``filled`` token per published batch not taken, a ``free``
+        token per slot not in use. A surplus is absorbed later by both sides."""
+        published = self.words[self._published]
+        for _ in range(published - self.taken - self._filled.value):
+            self._filled.release()
+        for _ in range(self.slots - (published - self.released) - self._free.value):
+            self._free.release()
+
+
+def last_published(ring: Ring, lane: int) -> SlotHeader | None:
+    """The header of the lane's newest published batch, or None if it has none."""
     published = ring.words[ring.lane_word(lane, LaneWord.PUBLISHED)]
     if published == 0:
         return None
-    base = ring.slot_word(lane, (published - 1) % ring.geometry.slots, 0)
-    w = ring.words
-    return w[base + SlotWord.CHUNK], w[base + SlotWord.INDEX], bool(w[base + SlotWord.FLAGS] & FLAG_LAST_IN_CHUNK)
+    return SlotHeader.of(ring.words, ring.slot_word(lane, (published - 1) % ring.geometry.slots, 0))
 
 
 def repair_after_producer_death(ring: Ring, sems: Semaphores, lane: int) -> None:

@@ -31,7 +31,7 @@ Byte layout::
                    waiting for the due batch)
                    a position record: next_chunk | next_index | delivered | resume point (53 words:
                    chunk | skip | epoch | pick | source | per source x 8: seen | lap | file_index
-                   | offset | line | part; see ``_stream.ResumePoint``)
+                   | offset | line | part; see ``_types.ResumePoint``)
     slots_offset   lanes x slots fixed-size slots; lane l, slot j at slots_offset + (l*slots+j)*slot_size
 
 A ring serving ``ranks`` consumer ranks with ``P`` producers has ``lanes = ranks * P``: lane
@@ -40,8 +40,9 @@ are one contiguous block). Every lane keeps one writer and one reader.
 
 Slot layout::
 
-    0      slot header (2 lines): seq | chunk | index | rows | flags | epoch | file_index
-           | chunk_offset | chunk_line | records_done | tokens | checksum | part | source | lap | pick
+    0      slot header (2 lines, ``SlotHeader``): seq | chunk | index | rows | flags | records_done
+           | tokens | checksum | cursor (8 words, ``_types.Cursor``: epoch | file_index | offset
+           | line | part | source | lap | pick)
     128    each field's array, C-contiguous, at its schema offset (64-byte aligned)
 
 States of the ring (``state``): STARTING -> RUNNING -> STOPPING, or FAILED with the error text set
@@ -63,17 +64,17 @@ import struct
 import time
 from dataclasses import dataclass
 from math import prod
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import posix_ipc
 
 from ._errors import RingError
 from ._names import shm_name, validate_name
-from ._recipe import MAX_SOURCES
+from ._types import Cursor, ResumePoint
 
 MAGIC = b"RINGLOAD"
-VERSION = 4
+VERSION = 5
 LINE = 64
 MAX_FIELDS = 8
 MAX_LANES = 256
@@ -85,9 +86,7 @@ ERROR_CAPACITY = 1020
 RECIPE_OFFSET = ERROR_OFFSET + 4 + ERROR_CAPACITY
 LANE_BLOCK = 5 * LINE
 CONSUMER_BLOCK = 16 * LINE
-SOURCE_CURSOR_WORDS = 6  # seen | lap | file_index | offset | line | part
-RESUME_WORDS = 5 + MAX_SOURCES * SOURCE_CURSOR_WORDS
-POSITION_WORDS = 3 + RESUME_WORDS
+POSITION_WORDS = 3 + ResumePoint.WORDS
 SLOT_HEADER_SIZE = 2 * LINE
 ALLOWED_DTYPES = ("|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<f2", "<f4", "<f8", "|b1")
 
@@ -131,38 +130,71 @@ class ConsumerWord:
 
 
 class SlotWord:
-    """Int64 word indexes inside a slot header."""
+    """Int64 word indexes inside a slot header (:class:`SlotHeader`'s order), for reading one word."""
 
     SEQ = 0
     CHUNK = 1
     INDEX = 2
     ROWS = 3
     FLAGS = 4
-    EPOCH = 5
-    FILE_INDEX = 6
-    CHUNK_OFFSET = 7
-    CHUNK_LINE = 8
-    RECORDS_DONE = 9
-    TOKENS = 10
-    CHECKSUM = 11
-    PART = 12
-    SOURCE = 13
-    LAP = 14
-    PICK = 15
+    RECORDS_DONE = 5
+    TOKENS = 6
+    CHECKSUM = 7
+    CURSOR = 8  # Cursor.words(), 8 words
+    EPOCH = CURSOR  # the cursor's first word
 
 
 FLAG_LAST_IN_CHUNK = 1
 
 
 @dataclass(frozen=True)
+class SlotHeader:
+    """A slot's header: which batch the slot holds and where its chunk starts. The producer writes
+    it whole before publishing the slot (``LaneWriter.publish``); readers read it whole (``of``) or
+    one word at a time through :class:`SlotWord`."""
+
+    seq: int  # the lane sequence number: a slot whose stamp is not the one expected is torn or stale
+    chunk: int
+    index: int  # the batch's index within its chunk
+    rows: int  # 0: an empty batch that only marks the end of a chunk too small for every rank
+    flags: int
+    records_done: int  # records of the chunk consumed up to the end of this batch
+    tokens: int
+    checksum: int
+    cursor: Cursor
+
+    WORDS: ClassVar[int] = SlotWord.CURSOR + Cursor.WORDS
+
+    @property
+    def last_in_chunk(self) -> bool:
+        return bool(self.flags & FLAG_LAST_IN_CHUNK)
+
+    def words(self) -> tuple[int, ...]:
+        return (self.seq, self.chunk, self.index, self.rows, self.flags, self.records_done, self.tokens,
+                self.checksum, *self.cursor.words())
+
+    @classmethod
+    def of(cls, words: memoryview, base: int) -> SlotHeader:
+        """The header whose first word is ``words[base]``."""
+        w = words[base:base + cls.WORDS].tolist()
+        return cls(*w[:SlotWord.CURSOR], Cursor(*w[SlotWord.CURSOR:]))
+
+    def store(self, words: memoryview, base: int) -> None:
+        words[base:base + self.WORDS] = memoryview(_SLOT_HEADER.pack(*self.words())).cast("q")
+
+
+_SLOT_HEADER = struct.Struct(f"<{SlotHeader.WORDS}q")
+
+
+@dataclass(frozen=True)
 class Position:
     """Where a consumer rank stands: the next batch due, batches delivered, and the resume point
-    (``_stream.ResumePoint.words()``)."""
+    (``ResumePoint.words()``)."""
 
     next_chunk: int = 0
     next_index: int = 0
     delivered: int = 0
-    resume: tuple[int, ...] = (-1, 0, 0, 0, 0) + (0, 0, 0, 0, 1, 0) * MAX_SOURCES
+    resume: tuple[int, ...] = ResumePoint().words()
 
     def words(self) -> tuple[int, ...]:
         return (self.next_chunk, self.next_index, self.delivered, *self.resume)
@@ -426,6 +458,14 @@ class Ring:
         """The lanes that carry rank ``rank``'s batches, producer 0 first."""
         producers = self.geometry.producers
         return range(rank * producers, (rank + 1) * producers)
+
+    def rank_slots(self, rank: int) -> np.ndarray:
+        """A uint8 array over every slot of rank ``rank``'s lanes (one contiguous block), e.g. to
+        page-lock them for a GPU's copy engine."""
+        lanes = self.rank_lanes(rank)
+        per_lane = self.geometry.slots * self.slot_size
+        return np.frombuffer(self._mem, dtype=np.uint8, count=len(lanes) * per_lane,
+                             offset=self.slots_offset + lanes[0] * per_lane)
 
     def slot_word(self, lane: int, slot: int, word: int) -> int:
         """Index into ``words`` of header word ``word`` of slot ``slot`` in lane ``lane``."""

@@ -107,7 +107,7 @@ def make_plan(recipe: Recipe, processes: int | None = None,
     context = multiprocessing.get_context("spawn")
     with context.Pool(processes, initializer=_init_worker, initargs=(recipe.to_dict(), files)) as pool:
         for epoch, batches in pool.imap(_count_chunk, chunks, chunksize=1):
-            counts[epoch] += batches // recipe.dealt_ranks  # every rank's share of the chunk (see _lanes)
+            counts[epoch] += recipe.dealing.per_rank(batches)
             if progress:
                 progress(epoch, counts[epoch])
     path = _plan_path(identity)

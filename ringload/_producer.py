@@ -43,8 +43,9 @@ from ._layout import Ring, State, Word
 from ._recipe import parse_recipe
 from ._sources import BadRecord, Chunk, Hooks, bad_record_stop, parse_records, record_origin
 from ._tasks import PendingBatch, build_task
+from ._types import Cursor
 
-CHUNK_HEADER = struct.Struct("<10q")
+CHUNK_HEADER = struct.Struct(f"<{1 + Cursor.WORDS + 1}q")  # id | cursor | skip
 WANT = b"W"
 ERROR = b"E"
 BAD_RECORDS_LOGGED = 5
@@ -54,12 +55,12 @@ PR_SET_PDEATHSIG = 1
 
 
 def encode_chunk(chunk: Chunk, skip: int) -> bytes:
-    return CHUNK_HEADER.pack(chunk.id, *chunk.cursor, skip) + chunk.payload
+    return CHUNK_HEADER.pack(chunk.id, *chunk.cursor.words(), skip) + chunk.payload
 
 
 def decode_chunk(message: bytes) -> tuple[Chunk, int]:
-    chunk_id, epoch, file_index, offset, line, part, source, lap, pick, skip = CHUNK_HEADER.unpack_from(message)
-    return Chunk(chunk_id, epoch, file_index, offset, line, message[CHUNK_HEADER.size:], part, source, lap, pick), skip
+    chunk_id, *cursor, skip = CHUNK_HEADER.unpack_from(message)
+    return Chunk.at(chunk_id, Cursor.from_words(cursor), message[CHUNK_HEADER.size:]), skip
 
 
 class Producer:
@@ -76,14 +77,13 @@ class Producer:
         self.ring, self.sems = _attach_when_created(ring_name, self.daemon_pid)
         ranks = self.ring.geometry.ranks
         self.writers = [LaneWriter(self.ring, self.sems, self.ring.rank_lanes(r)[lane]) for r in range(ranks)]
-        self.dealt_ranks = self.recipe.dealt_ranks
-        self.first_rank = self.recipe.first_dealt_rank  # which of them is this node's local rank 0
+        self.dealing = self.recipe.dealing
         self.bad_logged = self.truncated_logged = 0
         self.chunk: Chunk | None = None  # the chunk being worked on
         self.finished: int | None = None  # the id of the last chunk finished
         self._stage(LaneWord.WORK_NS, time.monotonic_ns())
         # Batches tokenized ahead of a full lane: enough for a whole chunk, within LOOKAHEAD_BYTES.
-        self.lookahead = max(2 * self.dealt_ranks, LOOKAHEAD_BYTES // self.ring.slot_size)
+        self.lookahead = max(2 * self.dealing.ranks, LOOKAHEAD_BYTES // self.ring.slot_size)
 
     def _stat(self, word: int, value: int) -> None:
         self.ring.words[self.ring.lane_word(self.lane, word)] = value
@@ -150,7 +150,7 @@ class Producer:
         self._stat(LaneWord.CHUNK_STARTED_NS, time.time_ns())
         # Batches go out a group of one per global rank at a time; a group is published once the
         # next one is known to be complete or not, which says whether it is the chunk's last.
-        every = self.dealt_ranks
+        every = self.dealing.ranks
         ahead = _Ahead(self.task.batches(records, chunk.id), self.lookahead)
         index = records_kept = 0
         while True:
@@ -160,7 +160,7 @@ class Producer:
             last = ahead.exhausted and len(ahead.ready) < 2 * every
             for _ in range(every):
                 batch = ahead.ready.popleft()
-                rank = index % every - self.first_rank
+                rank = self.dealing.local_rank(index)
                 if index >= skip and 0 <= rank < len(self.writers):
                     self._publish(chunk, index, rank, batch, last, ahead)
                 records_kept, index = batch.records_done, index + 1
@@ -168,7 +168,7 @@ class Producer:
         if index == 0:
             # A chunk too small for a batch per rank still ends: an empty, flagged slot tells each rank.
             for rank, writer in enumerate(self.writers):
-                marker = self.first_rank + rank
+                marker = self.dealing.first_index(rank)
                 if marker >= skip:
                     seq = self._claim(writer, ahead)
                     writer.publish(seq, chunk.id, marker, 0, True, chunk.cursor, len(records), 0)

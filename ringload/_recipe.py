@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 
 from ._errors import RecipeError
+from ._types import MAX_SOURCES, Dealing
 
 FORMATS = ("text", "jsonl", "cirrussearch", "csv", "tsv", "parquet")
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_SCALE = 16
-MAX_SOURCES = 8
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted")
 NODE_SHARDING = ("batches", "chunks", "files")
 LONG_RECORD_POLICIES = ("skip", "truncate", "fail")
@@ -92,6 +92,11 @@ class Recipe:
     def first_dealt_rank(self) -> int:
         """The index, among the dealt ranks, of this node's local rank 0."""
         return self.node_rank * self.world_size if self.node_sharding == "batches" else 0
+
+    @property
+    def dealing(self) -> Dealing:
+        """How this node's chunks are dealt to ranks (``_types.Dealing``)."""
+        return Dealing(self.dealt_ranks, self.first_dealt_rank)
 
     @property
     def chunk_size(self) -> int:

@@ -1,6 +1,6 @@
 """Checkpoints: what identifies a stream, and checking a saved state against a new run.
 
-A state (``Loader.state_dict()``) holds the resume point (``_stream.ResumePoint``: the chunk of
+A state (``Loader.state_dict()``) holds the resume point (``_types.ResumePoint``: the chunk of
 the last delivered batch, how many of its batches were delivered, where each source stands). A
 daemon started with it reads the sources from there, gives the first chunk's producer that many
 batches to skip, and sets every rank's position, so the batches after the checkpoint are those of
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._errors import RecipeError
-from ._stream import ResumePoint
+from ._types import ResumePoint
 
 # Format 3: records longer than a chunk are read in pieces by packing tasks, so a format-2 state of
 # such a corpus would resume into another stream; a format-2 state is refused with that reason.
@@ -49,6 +49,11 @@ def check_state(state: Any, identity: dict[str, Any]) -> tuple[ResumePoint, list
                           + "; ".join(differences))
     try:
         resume = ResumePoint.from_json(state["resume"])
+    except KeyError:
+        raise RecipeError("--resume: the state is incomplete (needs resume, next, delivered)") from None
+    except ValueError as exc:
+        raise RecipeError(f"--resume: {exc}") from None
+    try:
         position = [int(v) for v in state["next"]]
         delivered = int(state["delivered"])
     except (KeyError, TypeError, ValueError):

@@ -34,7 +34,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -44,6 +44,7 @@ import fsspec.utils
 from ._errors import RecipeError
 from ._http import MeteredFile, RemoteReadError, SourceMeter, open_url
 from ._recipe import Source
+from ._types import BadRecord, Cursor, Records
 
 
 @dataclass(frozen=True)
@@ -63,34 +64,15 @@ class Chunk:
     continues: bool = False  # a piece of a long record that is not its last (never crosses the pipe)
 
     @property
-    def cursor(self) -> tuple[int, ...]:
+    def cursor(self) -> Cursor:
         """Everything but the id and the payload, as the slot header and the pipe carry it."""
-        return self.epoch, self.file_index, self.offset, self.line, self.part, self.source, self.lap, self.pick
+        return Cursor(self.epoch, self.file_index, self.offset, self.line, self.part, self.source, self.lap, self.pick)
 
-
-@dataclass(frozen=True)
-class BadRecord:
-    """A record that was skipped (or, in ``Records.truncated``, shortened), where it is and why."""
-
-    path: str
-    line: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
-
-
-@dataclass
-class Records:
-    """A chunk's examples: texts, optional second texts (pairs) and optional labels."""
-
-    texts: list[str] = field(default_factory=list)
-    pairs: list[str] | None = None
-    labels: list[Any] | None = None
-    truncated: list[BadRecord] = field(default_factory=list)  # examples cut to max_record_bytes
-
-    def __len__(self) -> int:
-        return len(self.texts)
+    @classmethod
+    def at(cls, chunk_id: int, cursor: Cursor, payload: bytes) -> Chunk:
+        """The chunk ``chunk_id`` that starts at ``cursor``."""
+        return cls(chunk_id, cursor.epoch, cursor.file_index, cursor.offset, cursor.line, payload, cursor.part,
+                   cursor.source, cursor.lap, cursor.pick)
 
 
 def bad_record_stop(record: BadRecord) -> ValueError:

@@ -19,7 +19,7 @@ the data, so each source's share of chunks follows its weight exactly. When the 
 lap runs out, ``stopping_strategy`` decides: ``first_exhausted`` ends the epoch;
 ``all_exhausted`` starts that source's next lap, until every source has run out once.
 
-Resuming. A :class:`ResumePoint` names the chunk of the last delivered batch (id, epoch, pick,
+Resuming. A :class:`~ringload._types.ResumePoint` names the chunk of the last delivered batch (id, epoch, pick,
 source, batches of it delivered) and, per source, the start of the last chunk of that source in
 the epoch so far. Reading restarts every source there, skips each source's already-delivered
 chunk (re-reading one chunk per source), re-yields the resume chunk itself, and continues the
@@ -34,54 +34,11 @@ import itertools
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
 
-from ._errors import RecipeError
 from ._http import SourceMeter
-from ._layout import SOURCE_CURSOR_WORDS
-from ._recipe import MAX_SOURCES, Recipe, Source
+from ._recipe import Recipe, Source
 from ._sources import Chunk, SourceError, read_blocks
-
-_UNSEEN = (0, 0, 0, 0, 1, 0)
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    """Where a stream stands after the last delivered batch (``chunk`` -1: before the first)."""
-
-    chunk: int = -1
-    skip: int = 0  # batches of ``chunk`` delivered (by all ranks together)
-    epoch: int = 0
-    pick: int = 0
-    source: int = 0
-    sources: tuple[tuple[int, ...], ...] = (_UNSEEN,) * MAX_SOURCES  # per source: seen, lap, file, offset, line, part
-
-    def words(self) -> tuple[int, ...]:
-        return (self.chunk, self.skip, self.epoch, self.pick, self.source, *itertools.chain(*self.sources))
-
-    @classmethod
-    def from_words(cls, words: Iterable[int]) -> ResumePoint:
-        w = list(words)
-        n = SOURCE_CURSOR_WORDS
-        return cls(*w[:5], tuple(tuple(w[5 + i * n:5 + (i + 1) * n]) for i in range(MAX_SOURCES)))
-
-    def to_json(self, n_sources: int) -> dict[str, Any]:
-        return {"chunk": self.chunk, "skip": self.skip, "epoch": self.epoch, "pick": self.pick, "source": self.source,
-                "sources": [list(s) for s in self.sources[:n_sources]]}
-
-    @classmethod
-    def from_json(cls, data: Any) -> ResumePoint:
-        try:
-            sources = [tuple(int(v) for v in s) for s in data["sources"]]
-            if not 1 <= len(sources) <= MAX_SOURCES or any(len(s) != SOURCE_CURSOR_WORDS for s in sources):
-                raise ValueError
-            sources += [_UNSEEN] * (MAX_SOURCES - len(sources))
-            return cls(int(data["chunk"]), int(data["skip"]), int(data["epoch"]), int(data["pick"]),
-                       int(data["source"]), tuple(sources))
-        except (KeyError, TypeError, ValueError):
-            raise RecipeError("--resume: the state's resume point is malformed") from None
-
+from ._types import ResumePoint
 
 def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | None = None,
                 on_error: Callable[[SourceError], None] | None = None,
@@ -101,10 +58,10 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
         point = start if resuming and epoch == first_epoch else None
         laps, exhausted = [], []
         for j, source in enumerate(recipe.sources):
-            seen, lap, file_index, offset, line, part = point.sources[j] if point else _UNSEEN
-            where = (file_index, offset, line, part) if seen else None
+            where = point.source_start(j) if point else None
+            lap = point.source_lap(j) if point else 0
             chunks = _lap(recipe, source, j, files[j], epoch, lap, where, on_error, meter, split_long_records)
-            if seen and j != point.source:
+            if where is not None and j != point.source:
                 next(chunks, None)  # that source's last chunk was delivered already
             laps.append([lap, chunks])
             exhausted.append(lap > 0)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import ringload
-from ringload._sources import Records
+from ringload._types import Records
 from ringload._tasks import build_task, check_task_options
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,10 +1,9 @@
 """Soak test of the ring protocol: a million checksummed batches through a small ring, leaks watched.
 
 Two spawned producer processes write through the real ``LaneWriter`` (claim a free slot, fill it,
-``publish`` with a checksum in ``SlotWord.CHECKSUM``) into a ring of ``--lanes`` x ``--slots``
-slots of one small int32 field (``--rows`` x ``--cols``); the consumer in this process follows the
-lane protocol of ``ringload/_lanes.py`` step by step (acquire ``filled`` -> ``published > taken`` ->
-slot stamp -> ``taken += 1`` -> verify -> ``released += 1`` -> post ``free``). Stream batch ``k``
+``publish`` with a checksum in the slot header) into a ring of ``--lanes`` x ``--slots`` slots of
+one small int32 field (``--rows`` x ``--cols``); the consumer in this process takes and releases
+them through the real ``LaneReader`` of ``ringload/_lanes.py``, verifying each batch in between. Stream batch ``k``
 goes to lane ``k % lanes`` as chunk ``k``; its payload is a seeded function of ``k`` and its
 checksum a CRC32 of the payload seeded with ``k``, so the consumer, checking every batch in
 stream order, catches a torn batch (checksum), a stale or repeated one (payload and stamp), and a
@@ -38,9 +37,10 @@ from multiprocessing.process import BaseProcess
 import numpy as np
 import posix_ipc
 
-from ringload._lanes import LaneWord, LaneWriter, Semaphores, acquire, unlink_semaphores
-from ringload._layout import Field, Geometry, Ring, SlotWord
+from ringload._lanes import LaneReader, LaneWriter, Semaphores, unlink_semaphores
+from ringload._layout import Field, Geometry, Ring
 from ringload._names import list_ring_names, list_semaphore_rings, shm_name
+from ringload._types import Cursor
 
 MIB = 1 << 20
 
@@ -70,7 +70,7 @@ def produce(name: str, lane: int, lanes: int, total: int, done: Connection) -> N
         seq = writer.claim(lambda: os.getppid() == parent)
         array = payload(k, shape)
         writer.views[seq % writer.slots]["x"][...] = array
-        writer.publish(seq, k, seq, shape[0], True, (0, 0, 0, 1, 0, 0, 0, 0), shape[0], array.size, checksum=checksum(k, array))
+        writer.publish(seq, k, seq, shape[0], True, Cursor(), shape[0], array.size, checksum=checksum(k, array))
     done.recv()
     del writer
     sems.close()
@@ -99,54 +99,58 @@ class Sample:
 
 @dataclass
 class Consumer:
-    """The consumer end of every lane, one protocol step at a time, verifying each batch."""
+    """The consumer end of every lane through the shipped ``LaneReader``, verifying each batch."""
 
     ring: Ring
     sems: Semaphores
     producers: list[BaseProcess]
     empty_waits: int = 0  # times the due lane had nothing published yet (the consumer slept)
-    absorbed: int = 0  # surplus `filled` tokens the counters did not back (only a repair leaves them)
+    readers: list[LaneReader] = field(init=False)
     views: list[list[np.ndarray]] = field(init=False)
 
     def __post_init__(self) -> None:
         g = self.ring.geometry
+        self.readers = [LaneReader(self.ring, self.sems, lane) for lane in range(g.lanes)]
         self.views = [[self.ring.slot_arrays(lane, j)["x"] for j in range(g.slots)] for lane in range(g.lanes)]
 
-    def wait_filled(self, k: int, lane: int) -> None:
-        """Take a ``filled`` token of the lane, sleeping if there is none yet; fail if a producer died."""
-        filled = self.sems.filled[lane]
-        if acquire(filled, 0):
-            return
+    @property
+    def absorbed(self) -> int:
+        """Surplus `filled` tokens the counters did not back (only a repair leaves them)."""
+        return sum(reader.absorbed for reader in self.readers)
+
+    def wait_take(self, k: int, lane: int) -> int:
+        """Take the lane's next batch, sleeping if there is none yet; fail if a producer died."""
+        reader = self.readers[lane]
+        seq = reader.take()
+        if seq is not None:
+            return seq
         self.empty_waits += 1
-        while not acquire(filled, 1.0):
+        while (seq := reader.take(1.0)) is None:
             dead = [p.name for p in self.producers if p.exitcode not in (None, 0)]
             if dead:
                 raise RuntimeError(f"waiting for batch {k}: producer(s) {dead} died")
+        return seq
 
     def take(self, k: int) -> None:
         """Take stream batch ``k`` from its lane, verify it and give its slot back."""
-        ring, w, lanes, slots = self.ring, self.ring.words, self.ring.geometry.lanes, self.ring.geometry.slots
-        lane, seq = k % lanes, k // lanes
-        self.wait_filled(k, lane)
-        while w[ring.lane_word(lane, LaneWord.PUBLISHED)] <= seq:
-            self.absorbed += 1
-            self.wait_filled(k, lane)
-        base = ring.slot_word(lane, seq % slots, 0)
+        lanes, slots = self.ring.geometry.lanes, self.ring.geometry.slots
+        lane = k % lanes
+        seq = self.wait_take(k, lane)
+        reader = self.readers[lane]
+        header = reader.header(seq)
         problems = []
-        if w[base + SlotWord.SEQ] != seq:
-            problems.append(f"stamp {w[base + SlotWord.SEQ]} (a torn or stale slot)")
-        if w[base + SlotWord.CHUNK] != k:
-            problems.append(f"chunk {w[base + SlotWord.CHUNK]} (a missing, repeated or reordered batch)")
-        w[ring.lane_word(lane, LaneWord.TAKEN)] = seq + 1
+        if seq != k // lanes:
+            problems.append(f"lane sequence number {seq} (a missing or repeated batch)")
+        if header.chunk != k:
+            problems.append(f"chunk {header.chunk} (a missing, repeated or reordered batch)")
         array = self.views[lane][seq % slots]
-        if w[base + SlotWord.CHECKSUM] != checksum(k, array):
+        if header.checksum != checksum(k, array):
             problems.append("a checksum that does not match the slot (a torn batch)")
         if not np.array_equal(array, payload(k, array.shape)):
             problems.append("a payload that is not batch k's")
         if problems:
             raise AssertionError(f"batch {k} (lane {lane}, seq {seq}) has " + "; ".join(problems))
-        w[ring.lane_word(lane, LaneWord.RELEASED)] = seq + 1
-        self.sems.free[lane].release()
+        reader.release(seq)
 
 
 def sample(batches: int, started: float, processes: dict[str, int]) -> Sample:

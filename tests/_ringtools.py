@@ -1,10 +1,8 @@
 """Shared helpers for tests/test_ring_protocol.py and tests/test_header_validation.py.
 
-Everything here drives the real ringload classes (``Ring``, ``Semaphores``, ``LaneWriter``);
-the only stand-in is :class:`LaneReader`, a minimal consumer that follows the protocol of
-``ringload._lanes`` step by step (acquire ``filled`` -> check ``published > taken`` -> check the
-slot stamp -> ``taken += 1`` ... ``released += 1`` -> post ``free``) so that the tests can
-observe the counters between every two steps.
+Everything here drives the real ringload classes (``Ring``, ``Semaphores``, ``LaneWriter``,
+``LaneReader``); :class:`LaneReader` here only adds checks of the counter invariant around each
+step of the shipped reader, so that the tests observe the counters between steps.
 
 :func:`produce` is the target of the producer processes the tests start with the ``spawn``
 context, so this module must stay importable in a fresh interpreter (no pytest imports).
@@ -21,9 +19,11 @@ from uuid import uuid4
 import numpy as np
 import posix_ipc
 
-from ringload._lanes import LaneWord, LaneWriter, Semaphores, acquire, unlink_semaphores
+from ringload import _lanes
+from ringload._lanes import LaneWord, LaneWriter, Semaphores, unlink_semaphores
 from ringload._layout import Field, Geometry, Ring, SlotWord
 from ringload._names import PREFIX, SHM_DIR, shm_name
+from ringload._types import Cursor
 
 ROWS, COLS = 4, 8
 SHAPE = (ROWS, COLS)
@@ -90,18 +90,14 @@ def invariant_holds(ring: Ring, lane: int) -> bool:
     return 0 <= released <= taken <= published <= released + ring.geometry.slots
 
 
-class LaneReader:
-    """The consumer side of one lane, one protocol step per method, checking the invariant each time."""
+class LaneReader(_lanes.LaneReader):
+    """The shipped reader (``ringload._lanes.LaneReader``), checking the counter invariant before and
+    after each of its steps so that tests see every state it passes through."""
 
     def __init__(self, ring: Ring, sems: Semaphores, lane: int):
-        self.ring, self.sems, self.lane = ring, sems, lane
-        self.slots = ring.geometry.slots
-        self.w = ring.words
-        self._published = ring.lane_word(lane, LaneWord.PUBLISHED)
-        self._taken = ring.lane_word(lane, LaneWord.TAKEN)
-        self._released = ring.lane_word(lane, LaneWord.RELEASED)
+        super().__init__(ring, sems, lane)
+        self.sems = sems
         self.views = [ring.slot_arrays(lane, j) for j in range(self.slots)]
-        self.absorbed = 0  # surplus `filled` tokens that the counters did not back
         self.observations = 0
 
     def check(self) -> None:
@@ -112,52 +108,29 @@ class LaneReader:
             f"slots={self.slots}")
 
     @property
-    def taken(self) -> int:
-        return self.w[self._taken]
-
-    @property
-    def released(self) -> int:
-        return self.w[self._released]
-
-    @property
     def published(self) -> int:
-        return self.w[self._published]
+        return self.words[self._published]
 
-    def take(self, timeout: float) -> int | None:
-        """Acquire a ``filled`` token and take the batch it announces; None on timeout or surplus token."""
+    def take(self, timeout: float = 0.0) -> int | None:
         self.check()
-        if not acquire(self.sems.filled[self.lane], timeout):
-            return None
-        self.check()
-        seq = self.w[self._taken]
-        if self.w[self._published] <= seq:
-            self.absorbed += 1  # a surplus token left by a repair: absorb it
-            return None
-        stamp = self.w[self.ring.slot_word(self.lane, seq % self.slots, SlotWord.SEQ)]
-        assert stamp == seq, f"lane {self.lane} slot {seq % self.slots}: stamp {stamp}, expected {seq} (torn slot)"
-        self.w[self._taken] = seq + 1
+        seq = super().take(timeout)
         self.check()
         return seq
 
-    def slot_word(self, seq: int, word: int) -> int:
-        return self.w[self.ring.slot_word(self.lane, seq % self.slots, word)]
+    def release(self, seq: int) -> None:
+        super().release(seq)
+        self.check()
 
     def verify(self, seq: int) -> None:
         """The slot of ``seq`` holds exactly the batch the producer wrote for ``seq``."""
         arr = self.views[seq % self.slots]["x"]
-        assert self.slot_word(seq, SlotWord.SEQ) == seq
-        assert self.slot_word(seq, SlotWord.INDEX) == seq
-        assert self.slot_word(seq, SlotWord.CHUNK) == self.lane
+        assert self.header_word(seq, SlotWord.SEQ) == seq
+        assert self.header_word(seq, SlotWord.INDEX) == seq
+        assert self.header_word(seq, SlotWord.CHUNK) == self.lane
         assert np.array_equal(arr, payload(self.lane, seq)), f"lane {self.lane} seq {seq}: payload torn or stale"
         assert np.array_equal(self.views[seq % self.slots]["tag"], np.full(ROWS, seq)), f"seq {seq}: tag torn"
-        got = self.slot_word(seq, SlotWord.CHECKSUM)
+        got = self.header_word(seq, SlotWord.CHECKSUM)
         assert got == checksum(seq, arr), f"lane {self.lane} seq {seq}: checksum {got} does not match the slot"
-
-    def release(self, seq: int) -> None:
-        assert seq == self.w[self._released], f"released out of order: {seq} != {self.w[self._released]}"
-        self.w[self._released] = seq + 1
-        self.sems.free[self.lane].release()
-        self.check()
 
 
 def fill(writer: LaneWriter, seq: int) -> int:
@@ -171,7 +144,7 @@ def fill(writer: LaneWriter, seq: int) -> int:
 
 def publish(writer: LaneWriter, seq: int, crc: int) -> None:
     """Publish batch ``seq`` (chunk = lane, index = seq) with its checksum in the slot header."""
-    writer.publish(seq, writer.lane, seq, ROWS, False, (0, 0, 0, 1, 0, 0, 0, 0), seq, ROWS * COLS, checksum=crc)
+    writer.publish(seq, writer.lane, seq, ROWS, False, Cursor(), seq, ROWS * COLS, checksum=crc)
 
 
 def fill_and_publish(writer: LaneWriter, seq: int) -> None:

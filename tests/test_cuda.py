@@ -74,10 +74,10 @@ def test_slow_copies_keep_their_slots_until_their_event(recipe_file, ring_name, 
         reference = drain(ring_name)
     stage = CudaStager._stage_one
 
-    def held_back(stager: CudaStager) -> bool:
+    def held_back(stager: CudaStager, epoch: int | None) -> bool:
         with torch.cuda.stream(stager.stream):
             torch.cuda._sleep(5_000_000)  # a few ms of GPU time ahead of this batch's copy
-        return stage(stager)
+        return stage(stager, epoch)
 
     monkeypatch.setattr(CudaStager, "_stage_one", held_back)
     pending_seen = 0
@@ -88,7 +88,7 @@ def test_slow_copies_keep_their_slots_until_their_event(recipe_file, ring_name, 
                 for lane, seq, event in loader._stager.handed_out:  # before .cpu() waits for the copies
                     if not event.query():
                         pending_seen += 1
-                        assert loader._released[lane] <= seq, "a slot went back before its copy finished"
+                        assert loader._reader.readers[lane].released <= seq, "a slot went back before its copy finished"
                 got.append({k: v.cpu().numpy() for k, v in batch.items()})
     assert pending_seen, "no copy was ever still pending: the test did not hold copies back"
     assert _same_stream(reference, got)
@@ -103,10 +103,10 @@ def test_pinned_buffer_fallback_when_registration_fails(recipe_file, ring_name, 
     monkeypatch.setattr(CudaStager, "_register", lambda self, pointer, length: 2)  # cudaErrorMemoryAllocation
     stage = CudaStager._stage_one
 
-    def held_back(stager: CudaStager) -> bool:
+    def held_back(stager: CudaStager, epoch: int | None) -> bool:
         with torch.cuda.stream(stager.stream):
             torch.cuda._sleep(2_000_000)
-        return stage(stager)
+        return stage(stager, epoch)
 
     monkeypatch.setattr(CudaStager, "_stage_one", held_back)
     with ringload.start(recipe, name=ring_name):

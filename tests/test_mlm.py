@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import make_texts
 
-from ringload._sources import Records
+from ringload._types import Records
 from ringload._tasks import MaskedLM, TokenizerInfo, check_task_options
 
 

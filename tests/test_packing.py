@@ -11,7 +11,7 @@ import pytest
 from conftest import make_texts
 
 import ringload
-from ringload._sources import Records
+from ringload._types import Records
 from ringload._tasks import Task, TokenizerInfo, build_task, check_task_options
 
 ROW = 64

@@ -180,7 +180,7 @@ def test_wraparound_many_laps(rings):
             assert proc.is_alive() or proc.exitcode == 0, f"producer died with exit code {proc.exitcode}"
             continue
         assert seq == expected
-        assert reader.slot_word(seq, SlotWord.SEQ) == seq
+        assert reader.header_word(seq, SlotWord.SEQ) == seq
         reader.verify(seq)
         reader.release(seq)
         expected += 1
@@ -541,7 +541,7 @@ def test_loader_claim_recovers_a_dead_consumer(rings, lost):
     if lost == "filled":
         sems.filled[0].acquire(0)  # killed after taking the filled token of seq 2, before taken += 1
     else:
-        dead._release(0, 1)  # released seq 1 ...
+        dead._reader.readers[0].release(1)  # released seq 1 ...
         sems.free[0].acquire(0)  # ... but died before its free post
     ring.set(ring.consumer_block(0) + ConsumerWord.PID, _dead_pid())
     del dead

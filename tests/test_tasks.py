@@ -173,7 +173,7 @@ def test_custom_task_from_module(recipe_file, ring_name, monkeypatch):
 
 def test_whole_word_masking_masks_every_piece_of_a_word(tokenizer_path):
     """whole_word_mask: a word's sub-tokens are chosen all together or not at all."""
-    from ringload._sources import Records
+    from ringload._types import Records
     from ringload._tasks import build_task
 
     task = build_task({"type": "mlm", "seq_len": 64, "mask_prob": 0.3, "mask_token_prob": 0.8,

@@ -18,7 +18,8 @@ from conftest import assert_same_stream, drain, make_texts
 
 import ringload
 from ringload._recipe import parse_recipe
-from ringload._stream import ResumePoint, read_stream
+from ringload._stream import read_stream
+from ringload._types import ResumePoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from fetch_assets import fetch  # noqa: E402
@@ -210,7 +211,7 @@ def test_classification_reads_only_the_head_of_long_records(asset, tokenizer_pat
     """A classify batch of long records (and pairs) holds exactly the ids of tokenizing them whole, truncated."""
     import numpy as np
 
-    from ringload._sources import Records
+    from ringload._types import Records
     from ringload._tasks import build_task, check_task_options
 
     path = tokenizer_path if asset == "conftest" else str(fetch(asset) / ("" if asset == "gpt2-bpe" else "tokenizer.json"))

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from .._errors import RecipeError
 from .._layout import Field
-from .._sources import Records
+from .._types import Records
 from .engines import EngineChoice, EngineSwitch
 
 TOKENIZE_PIECE = 512  # texts per encode_batch call: large enough for the Rust fast path, small for latency

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from .._errors import RecipeError
 from .._layout import Field
-from .._sources import Records
+from .._types import Records
 from .base import TOKENIZE_PIECE, PendingBatch, Task, TokenizerInfo
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .._layout import Field
-from .._sources import Records
+from .._types import Records
 from .base import (
     PACKING_OPTIONS,
     Packer,

@@ -9,7 +9,7 @@ import numpy as np
 
 from .._errors import RecipeError
 from .._layout import Field
-from .._sources import Records
+from .._types import Records
 from .base import (
     PACKING_OPTIONS,
     TOKENIZE_PIECE,
