@@ -40,7 +40,9 @@ def main() -> None:
 def start(recipe: str, name: str | None, producers: int | None, world_size: int | None, nnodes: int | None,
           node_rank: int | None, detach: bool, resume: str | None, stop_with: int | None) -> None:
     """Create a ring from RECIPE and serve it until stopped."""
-    from ._daemon import Daemon, launch, log_file
+    from ._daemon import Daemon
+    from ._handle import launch
+    from ._housekeeping import log_file
     from ._recipe import load_recipe
 
     loaded = load_recipe(recipe)
@@ -83,7 +85,7 @@ def plan(recipe: str, world_size: int | None, nnodes: int | None, processes: int
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait before killing the daemon.")
 def stop(name: str, timeout: float) -> None:
     """Stop the ring NAME: its daemon stops the producers and removes every shared object."""
-    from ._daemon import remove_ring, ring_owner
+    from ._housekeeping import remove_ring, ring_owner
     from ._failures import forget_failure, read_failure
     from ._names import list_ring_names, pid_alive
 
@@ -271,7 +273,7 @@ def list_command() -> None:
 @main.command()
 def clean() -> None:
     """Remove every ring (and stray semaphore) whose daemon is dead, and the records of failed rings."""
-    from ._daemon import clean_orphans
+    from ._housekeeping import clean_orphans
     from ._failures import failed_names, forget_failure
 
     removed = clean_orphans()

@@ -32,7 +32,7 @@ from ._errors import RingError
 from ._failures import attach_or_explain
 from ._lanes import Semaphores
 from ._layout import Word
-from ._plan import batches_in, length_unknown
+from ._lengths import batches_in, length_unknown
 from ._rank import RankReader
 from ._resume import STATE_FORMAT, stream_identity
 from ._types import Dealing, ResumePoint

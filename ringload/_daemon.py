@@ -35,23 +35,19 @@ import multiprocessing
 import os
 import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import Any
-
-import posix_ipc
 
 from ._errors import ProducerFailed, RecipeError, RingError
 from ._failures import forget_failure, record_failure
 from ._http import SourceMeter
-from ._lanes import STAT_WORDS, LaneWord, Semaphores, last_published, repair_after_producer_death, unlink_semaphores
+from ._housekeeping import reclaim_if_dead, remove_ring
+from ._lanes import STAT_WORDS, LaneWord, Semaphores, last_published, repair_after_producer_death
 from ._layout import Field, Geometry, Position, Ring, State, Word, write_position
-from ._names import list_ring_names, list_semaphore_rings, pid_alive, run_dir, shm_name, validate_name
+from ._names import pid_alive, validate_name
 from ._plan import find_plan
 from ._producer import ERROR, WANT, encode_chunk, producer_main
 from ._recipe import Recipe
@@ -582,117 +578,3 @@ def _log_destination() -> str | None:
     except OSError:
         return None
     return target if os.path.isfile(target) else None
-
-
-# -- ring housekeeping, used by the daemon and the CLI -----------------------------------------
-def remove_ring(name: str, lanes: int | None = None, ranks: int = 1) -> None:
-    """Unlink the ring's shared memory and semaphores (mappings that exist stay valid)."""
-    try:
-        posix_ipc.unlink_shared_memory(shm_name(name))
-    except posix_ipc.ExistentialError:
-        pass
-    if lanes is not None:
-        unlink_semaphores(name, lanes, ranks)
-    for sem in list_semaphore_rings().get(name, []):
-        try:
-            posix_ipc.unlink_semaphore(sem)
-        except posix_ipc.ExistentialError:
-            pass
-
-
-def ring_owner(name: str) -> int | None:
-    """The pid of the daemon serving ``name`` if it is alive, else None."""
-    try:
-        ring = Ring.attach(name)
-    except RingError:
-        return None
-    try:
-        pid = ring.get(Word.DAEMON_PID)
-    finally:
-        ring.close()
-    return pid if pid_alive(pid) else None
-
-
-def reclaim_if_dead(name: str) -> bool:
-    """Remove a ring whose daemon is dead; refuse if its daemon still runs. True if one was removed."""
-    exists = name in list_ring_names() or name in list_semaphore_rings()
-    if not exists:
-        return False
-    owner = ring_owner(name)
-    if owner is not None:
-        raise RingError(f"ring {name!r} is already served by daemon pid {owner}; "
-                        f"stop it with `ringload stop {name}` or start this one with another --name")
-    remove_ring(name)
-    log.warning("ring %s: removed the leftovers of a dead daemon", name)
-    return True
-
-
-def clean_orphans() -> list[str]:
-    """Remove every ring of this user whose daemon is dead; return their names."""
-    removed = []
-    for name in sorted(set(list_ring_names()) | set(list_semaphore_rings())):
-        try:
-            validate_name(name)
-            if reclaim_if_dead(name):
-                removed.append(name)
-        except RingError:
-            continue
-    return removed
-
-
-def launch(recipe_path: str, name: str, producers: int | None = None, log_path: Path | None = None,
-           detach: bool = False, ready_timeout: float = 60.0, resume_path: str | None = None,
-           sharding: dict[str, int | None] | None = None) -> subprocess.Popen:
-    """Start ``ringload start`` in a child process and return once its ring is RUNNING.
-
-    ``sharding``: ``world_size``, ``nnodes``, ``node_rank`` overriding the recipe's (None: keep)."""
-    command = [sys.executable, "-m", "ringload", "start", recipe_path, "--name", name]
-    if not detach:
-        command += ["--stop-with", str(os.getpid())]
-    if producers:
-        command += ["--producers", str(producers)]
-    for key, value in (sharding or {}).items():
-        if value is not None:
-            command += [f"--{key.replace('_', '-')}", str(value)]
-    if resume_path:
-        command += ["--resume", resume_path]
-    log_path = log_path or log_file(name)
-    logged_before = log_path.stat().st_size if log_path.exists() else 0
-    with open(log_path, "ab") as out:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=detach)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        code = process.poll()
-        if code is not None:
-            raise RingError(_why_start_ended(name, code, log_path, logged_before))
-        if name in list_ring_names():
-            try:
-                ring = Ring.attach(name)
-            except RingError:
-                ring = None  # still being created
-            if ring is not None:
-                state, owner = ring.state, ring.get(Word.DAEMON_PID)
-                ring.close()
-                if owner == process.pid and state in (State.RUNNING, State.FINISHED):
-                    return process
-        time.sleep(0.01)
-    process.kill()
-    raise RingError(f"ring {name!r} was not ready within {ready_timeout:.0f} s; see {log_path}")
-
-
-def _why_start_ended(name: str, code: int, log_path: Path, logged_before: int) -> str:
-    """Why a `ringload start` child ended before its ring was ready: its one-line error (the CLI's
-    last `ringload: ...` line), or else the end of what it wrote to the log."""
-    with open(log_path, "rb") as log_stream:
-        log_stream.seek(logged_before)
-        lines = log_stream.read().decode(errors="replace").strip().splitlines()
-    errors = [line.removeprefix("ringload: ") for line in lines if line.startswith("ringload: ")]
-    if errors:
-        return f"{errors[-1]} (log: {log_path})"
-    return f"`ringload start` for ring {name!r} exited with code {code}:\n  " + "\n  ".join(lines[-5:])
-
-
-def log_file(name: str) -> Path:
-    """Where a daemon started detached or from Python writes its log."""
-    return run_dir() / f"{validate_name(name)}.log"
-

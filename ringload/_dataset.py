@@ -30,7 +30,8 @@ import torch
 from ._consumer import Loader, stream_state
 from ._errors import RingError
 from ._handle import RingHandle, start
-from ._plan import batches_in, epoch_after, find_plan, length_unknown, stream_files
+from ._lengths import batches_in, epoch_after, length_unknown
+from ._plan import find_plan, stream_files
 from ._recipe import Recipe, as_recipe
 
 POSITIONS_KEPT = 64  # batches a framework may fetch ahead of the model and still checkpoint exactly

@@ -20,7 +20,6 @@ finds them.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -145,31 +144,3 @@ def _count_chunk(chunk: Chunk) -> tuple[int, int]:
     if bad and recipe.on_bad_record == "fail":
         raise ValueError(f"bad record at {bad[0]} (set on_bad_record: skip in the recipe to skip such records)")
     return chunk.epoch, sum(1 for _ in task.batches(records, chunk.id))
-
-
-def batches_in(epoch_batches: list[int], skip: int, most: int | None, epoch: int | None = None,
-               after: int = 0) -> int:
-    """Batches a rank is handed, by a plan's counts and the recipe's ``skip_batches``/``max_batches``:
-    all of epoch ``epoch``, or (``epoch`` None) all those after the rank's first ``after``."""
-    ends = list(itertools.accumulate(epoch_batches))
-    stop = ends[-1] if most is None else min(ends[-1], skip + most)
-    if epoch is None:
-        return max(0, stop - max(after, skip))
-    begin = ends[epoch - 1] if epoch else 0
-    return max(0, min(ends[epoch], stop) - max(begin, skip))
-
-
-def epoch_after(epoch_batches: list[int], delivered: int) -> int | None:
-    """The epoch of a rank's batch number ``delivered + 1``, or None past the end of the stream."""
-    return next((e for e, end in enumerate(itertools.accumulate(epoch_batches)) if end > delivered), None)
-
-
-def length_unknown(ring: str, recipe: dict[str, Any]) -> str:
-    """Why a ring's loaders have no len(), and what to run for one (raised as TypeError, which frameworks
-    read as "no length")."""
-    if recipe.get("epochs") is None:
-        return f"ring {ring!r} streams endlessly (its recipe has no `epochs`), so it has no length"
-    ranks = "".join(f" --{key.replace('_', '-')} {recipe[key]}" for key in ("world_size", "nnodes")
-                    if recipe.get(key, 1) > 1)
-    return (f"the number of batches per epoch of ring {ring!r} is not known: run `ringload plan RECIPE{ranks}` once "
-            "(it tokenizes the stream to count them), then restart the ring")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import ringload
-from ringload._daemon import remove_ring
+from ringload._housekeeping import remove_ring
 from ringload._layout import Field, Geometry, Ring
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -63,7 +63,7 @@ from typing import Any
 import yaml
 
 import ringload
-from ringload._daemon import remove_ring, ring_owner
+from ringload._housekeeping import remove_ring, ring_owner
 from ringload._names import list_ring_names, list_semaphore_rings, pid_alive
 
 SCRIPTS = Path(__file__).resolve().parent

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ringload._daemon import remove_ring, ring_owner
+from ringload._housekeeping import remove_ring, ring_owner
 from ringload._failures import forget_failure
 
 WORDS = (

@@ -20,7 +20,7 @@ from test_end_to_end import cli
 from test_http import server  # noqa: F401 - the loopback HTTP fixture
 
 import ringload
-from ringload._daemon import log_file
+from ringload._housekeeping import log_file
 from ringload._names import list_ring_names
 from ringload._recipe import Source
 from ringload._sources import Chunk, parse_records

@@ -77,7 +77,7 @@ def test_a_half_written_position_record_is_never_read(ring_name):
     """A consumer killed while writing its position leaves the previous record current (two records, one commit word)."""
     import numpy as np
 
-    from ringload._daemon import remove_ring
+    from ringload._housekeeping import remove_ring
     from ringload._layout import ConsumerWord, Field, Geometry, Position, Ring, read_position, write_position
 
     ring = Ring.create(ring_name, Geometry(1, 2, 1, (Field("x", np.dtype("<i4"), (1, 4)),)), {})
