@@ -1,5 +1,8 @@
 """Lanes and sequencing: how a slot passes between its producer and the consumer.
 
+``LaneWriter`` is the producer's end of a lane and ``LaneReader`` the consumer's; both sides of
+every rule below are in this module.
+
 A lane is ``S`` slots with one writer (a producer) and one reader (a consumer rank). Each producer
 owns one lane per rank. Lane sequence numbers ``s = 0, 1, 2, ...`` name the batches the lane
 carries, in order; batch ``s`` lives in slot ``s % S``. Four monotonically
@@ -52,6 +55,7 @@ last ``G`` batches (one per rank) carry the chunk-end flag; a chunk with fewer t
 gives each rank an empty flagged batch (``rows = 0``) at index ``n * W + r``. So every rank
 receives the same number of batches of every chunk, no batch goes to two ranks, and a rank's
 batches of chunk ``c`` are indexes ``g, g + G, g + 2G, ...``: the consumer knows which one is due.
+The rule's one implementation is ``_types.Dealing``; producer, consumer, daemon and plan ask it.
 (When nodes split files or chunks instead, ``node_sharding``, each node's chunks are its own:
 the rule applies with ``G = W`` and ``n = 0``.)
 
