@@ -52,7 +52,7 @@ def test_resume_at_a_chunk_boundary_via_the_cli(recipe_file, ring_name, tmp_path
             before = []
             for batch in loader:
                 before.append({k: v.numpy().copy() for k, v in batch.items()})
-                if loader.next_index == 0:  # the batch just handed out ended its chunk
+                if loader._reader.next_index == 0:  # the batch just handed out ended its chunk
                     break
             state = loader.state_dict()
     (tmp_path / "state.json").write_text(json.dumps(state))
