@@ -18,6 +18,7 @@ import click
 
 from ._errors import RingError, RingloadError
 from ._names import validate_name
+from ._types import MAX_LANES, MAX_RANKS
 
 
 @click.group()
@@ -28,8 +29,8 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", help="Ring name (default: the recipe's name).")
-@click.option("--producers", type=click.IntRange(1, 256), help="Producer processes (default: the recipe's).")
-@click.option("--world-size", type=click.IntRange(1, 64),
+@click.option("--producers", type=click.IntRange(1, MAX_LANES), help="Producer processes (default: the recipe's).")
+@click.option("--world-size", type=click.IntRange(1, MAX_RANKS),
               help="Consumer ranks on this node, one per training process (torchrun's --nproc-per-node).")
 @click.option("--nnodes", type=click.IntRange(1), help="Nodes, each running its own `ringload start` of this recipe.")
 @click.option("--node-rank", type=click.IntRange(0), help="This node's rank, 0..nnodes-1.")
@@ -61,9 +62,11 @@ def start(recipe: str, name: str | None, producers: int | None, world_size: int 
 
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
-@click.option("--world-size", type=click.IntRange(1, 64), help="Consumer ranks per node, as `ringload start` will get.")
+@click.option("--world-size", type=click.IntRange(1, MAX_RANKS),
+              help="Consumer ranks per node, as `ringload start` will get.")
 @click.option("--nnodes", type=click.IntRange(1), help="Nodes, as `ringload start` will get.")
-@click.option("--processes", type=click.IntRange(1, 256), help="Tokenizing processes (default: the recipe's producers).")
+@click.option("--processes", type=click.IntRange(1, MAX_LANES),
+              help="Tokenizing processes (default: the recipe's producers).")
 def plan(recipe: str, world_size: int | None, nnodes: int | None, processes: int | None) -> None:
     """Count the batches each rank gets per epoch of RECIPE (tokenizing it once), for len() of its loaders.
 

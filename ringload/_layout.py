@@ -71,15 +71,12 @@ import posix_ipc
 
 from ._errors import RingError
 from ._names import shm_name, validate_name
-from ._types import Cursor, ResumePoint
+from ._types import MAX_LANES, MAX_RANKS, MAX_SLOTS, MIN_SLOTS, Cursor, ResumePoint
 
 MAGIC = b"RINGLOAD"
 VERSION = 5
 LINE = 64
 MAX_FIELDS = 8
-MAX_LANES = 256
-MAX_RANKS = 64
-MAX_SLOTS = 1 << 16
 SCHEMA_OFFSET = 320
 ERROR_OFFSET = SCHEMA_OFFSET + MAX_FIELDS * LINE
 ERROR_CAPACITY = 1020
@@ -283,8 +280,8 @@ class Geometry:
         if not 1 <= self.lanes <= MAX_LANES or self.lanes % self.ranks:
             raise RingError(f"producers x ranks must be at most {MAX_LANES}, got {self.lanes} lanes for "
                             f"{self.ranks} ranks; use fewer producers")
-        if not 2 <= self.slots <= MAX_SLOTS:
-            raise RingError(f"slots must be 2..{MAX_SLOTS} per producer, got {self.slots}")
+        if not MIN_SLOTS <= self.slots <= MAX_SLOTS:
+            raise RingError(f"slots must be {MIN_SLOTS}..{MAX_SLOTS} per producer, got {self.slots}")
         if not 1 <= len(self.fields) <= MAX_FIELDS:
             raise RingError(f"a batch needs 1..{MAX_FIELDS} fields, got {len(self.fields)}")
         for f in self.fields:
@@ -526,7 +523,7 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
         raise bad(f"header says {total_size} bytes, mapping has {size}")
     if not (RECIPE_OFFSET + 4 <= header_size <= lanes_offset and lanes_offset % LINE == 0):
         raise bad("header size or lane offset out of range")
-    if not (1 <= lanes <= MAX_LANES and 2 <= slots <= MAX_SLOTS and 1 <= n_fields <= MAX_FIELDS and batch_size >= 1
+    if not (1 <= lanes <= MAX_LANES and MIN_SLOTS <= slots <= MAX_SLOTS and 1 <= n_fields <= MAX_FIELDS and batch_size >= 1
             and 1 <= ranks <= MAX_RANKS and lanes % ranks == 0):
         raise bad(f"lanes={lanes} slots={slots} fields={n_fields} batch_size={batch_size} ranks={ranks}")
     if lanes_offset + lanes * LANE_BLOCK + ranks * CONSUMER_BLOCK > slots_offset or slots_offset % LINE or slot_size % LINE:
