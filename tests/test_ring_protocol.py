@@ -24,15 +24,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:  # the spawned producers import _ringtools from here too
-    sys.path.insert(0, _HERE)
-import _ringtools as rt  # noqa: E402
+import _ringtools as rt  # pytest puts tests/ on sys.path; spawned producers inherit it
 
-import ringload  # noqa: E402
-from ringload._lanes import LaneWord, LaneWriter, acquire, repair_after_producer_death  # noqa: E402
-from ringload._layout import LANE_BLOCK, LINE, SLOT_HEADER_SIZE, ConsumerWord, Field, Geometry, Ring, SlotWord, Word  # noqa: E402
-from ringload._names import SHM_DIR, list_semaphore_rings  # noqa: E402
+import ringload
+from ringload._lanes import LaneWord, LaneWriter, acquire, repair_after_producer_death
+from ringload._layout import LANE_BLOCK, LINE, SLOT_HEADER_SIZE, ConsumerWord, Field, Geometry, Ring, SlotWord, Word
+from ringload._names import SHM_DIR, list_semaphore_rings
 
 
 @pytest.fixture
