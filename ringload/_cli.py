@@ -6,7 +6,6 @@ on stderr and exit code 2 (``run``)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -44,6 +43,7 @@ def start(recipe: str, name: str | None, producers: int | None, world_size: int 
     from ._daemon import Daemon
     from ._handle import launch
     from ._housekeeping import log_file
+    from ._log import log_to_stderr
     from ._recipe import load_recipe
 
     loaded = load_recipe(recipe)
@@ -56,7 +56,7 @@ def start(recipe: str, name: str | None, producers: int | None, world_size: int 
         click.echo(f"ring {ring_name} ready (daemon pid {process.pid}, log {log_file(ring_name)}); "
                    f"`ringload stop {ring_name}` ends it")
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s ringload: %(message)s", stream=sys.stderr)
+    log_to_stderr()
     sys.exit(Daemon(loaded, ring_name, resume=state, stop_with=stop_with).run())
 
 

@@ -22,7 +22,9 @@ from ._recipe import Recipe, as_recipe
 
 
 class RingHandle:
-    """A running ``ringload start`` daemon. ``stop()`` (or leaving the ``with`` block) ends it."""
+    """A running ``ringload start`` daemon. ``stop()`` (or leaving the ``with`` block) ends it.
+
+    ``log_path``: the file the daemon and its producers log to (skipped records, restarts, failures)."""
 
     def __init__(self, name: str, process: subprocess.Popen, log_path: Path):
         self.name, self.process, self.log_path = name, process, log_path

@@ -297,10 +297,9 @@ class Ring:
     Create with :meth:`create` (the daemon) or :meth:`attach` (everyone else).
     """
 
-    def __init__(self, name: str, mem: mmap.mmap, geometry: Geometry, owner: bool):
+    def __init__(self, name: str, mem: mmap.mmap, geometry: Geometry):
         self.name = name
         self.geometry = geometry
-        self.owner = owner
         self._mem = mem
         self.words = memoryview(mem).cast("q")
         ident = _IDENTITY.unpack_from(mem, 0)
@@ -351,7 +350,7 @@ class Ring:
             mem, 0, b"\0" * 8, VERSION, header_size, size, geometry.lanes, geometry.slots,
             geometry.slot_size, lanes_offset, slots_offset, len(geometry.fields), geometry.ranks, geometry.batch_size,
         )
-        ring = cls(name, mem, geometry, owner=True)
+        ring = cls(name, mem, geometry)
         ring.words[Word.OWNER_UID] = os.getuid()
         ring.words[Word.END_CHUNK] = -1
         for rank in range(geometry.ranks):
@@ -391,7 +390,7 @@ class Ring:
         except RingError:
             mem.close()
             raise
-        return cls(name, mem, geometry, owner=False)
+        return cls(name, mem, geometry)
 
     def close(self) -> None:
         """Drop this process's mapping; numpy views still alive keep it mapped until collected."""

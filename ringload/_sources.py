@@ -188,6 +188,9 @@ def _parquet_payloads(path: str, source: Source, chunk_bytes: int, first_row: in
     except ImportError:
         raise RecipeError("source.format: parquet needs pyarrow (pip install 'ringload[parquet]')") from None
     columns = [c for c in (source.field, source.pair_field, source.label_field) if c]
+    # Not the resumable HTTP reader: pyarrow seeks (the footer first, then each row group's columns), and
+    # ResumableHTTPFile is forward-only by design, resuming one sequential read at its offset. fsspec's
+    # file serves the seeks with range requests; a connection it cannot recover fails the ring.
     with fsspec.open(path, mode="rb", **source.storage_options) as stream:
         parquet = pq.ParquetFile(stream)
         missing = [c for c in columns if c not in parquet.schema_arrow.names]
