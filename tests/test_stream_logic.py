@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ringload._recipe import MAX_SOURCES, Recipe, parse_recipe
+from ringload._recipe import Recipe, parse_recipe
 from ringload._sources import Chunk
-from ringload._stream import ResumePoint, read_stream, weighted_schedule
-
-UNSEEN = ResumePoint().sources[0]
+from ringload._stream import read_stream, weighted_schedule
+from ringload._types import ResumePoint
 
 
 def write_ids(path: Path, first: int, count: int) -> Path:
@@ -43,14 +42,12 @@ def make_stream(tmp_path: Path, sources: list[tuple[int, int, float]], **top) ->
 
 
 def resume_after(delivered: list[Chunk]) -> ResumePoint:
-    """The resume point once every batch of ``delivered`` was handed out, as the module docstring of
-    ``_stream`` defines it: the last chunk, and per source the start of its last chunk in that epoch."""
-    last = delivered[-1]
-    seen = [UNSEEN] * MAX_SOURCES
+    """The resume point once every batch of ``delivered`` was handed out, moved chunk by chunk by the
+    rule the consumer applies per batch (``ResumePoint.advance``)."""
+    words = list(ResumePoint().words())
     for chunk in delivered:
-        if chunk.epoch == last.epoch:
-            seen[chunk.source] = (1, chunk.lap, chunk.file_index, chunk.offset, chunk.line, chunk.part)
-    return ResumePoint(chunk=last.id, epoch=last.epoch, pick=last.pick, source=last.source, sources=tuple(seen))
+        ResumePoint.advance(words, chunk.id, 0, chunk.cursor)
+    return ResumePoint.from_words(words)
 
 
 STREAMS = {
