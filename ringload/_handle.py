@@ -16,8 +16,7 @@ import yaml
 from ._errors import RingError
 from ._housekeeping import log_file, remove_ring
 from ._layout import Ring, State, Word
-from ._names import list_ring_names
-from ._names import validate_name
+from ._names import list_ring_names, validate_name
 from ._recipe import Recipe, as_recipe
 
 

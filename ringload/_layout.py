@@ -338,7 +338,7 @@ class Ring:
         header_size = geometry.header_size(recipe_json)
         lanes_offset = header_size
         slots_offset = geometry.slots_offset(lanes_offset)
-        for i, (f, off) in enumerate(zip(geometry.fields, geometry.field_offsets())):
+        for i, (f, off) in enumerate(zip(geometry.fields, geometry.field_offsets(), strict=True)):
             dims = list(f.shape) + [0] * (3 - len(f.shape))
             struct.pack_into(
                 "<24s8sIIIIQQ", mem, SCHEMA_OFFSET + i * LINE, f.name.encode(),
@@ -377,9 +377,11 @@ class Ring:
         try:
             st = os.fstat(shm.fd)
             if st.st_uid != os.getuid():
-                raise RingError(f"ring {name!r} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); refusing to attach")
+                raise RingError(f"ring {name!r} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
+                                "refusing to attach")
             if stat.S_IMODE(st.st_mode) & 0o077:
-                raise RingError(f"ring {name!r} has mode {stat.S_IMODE(st.st_mode):o}; ringload only attaches to 0600 rings")
+                raise RingError(f"ring {name!r} has mode {stat.S_IMODE(st.st_mode):o}; "
+                                "ringload only attaches to 0600 rings")
             if st.st_size < RECIPE_OFFSET + 4:
                 raise RingError(f"ring {name!r} is too small ({st.st_size} bytes) to hold a ringload header")
             mem = mmap.mmap(shm.fd, st.st_size)
@@ -481,7 +483,8 @@ class Ring:
     def field_views(self, buffer: np.ndarray, names: frozenset[str] | None = None) -> dict[str, np.ndarray]:
         """The fields (all, or those in ``names``) of a :meth:`slot_buffer` as views whose base is it."""
         return {f.name: np.ndarray(f.shape, f.dtype, buffer=buffer, offset=off)
-                for f, off in zip(self.geometry.fields, self.field_offsets) if names is None or f.name in names}
+                for f, off in zip(self.geometry.fields, self.field_offsets, strict=True)
+                if names is None or f.name in names}
 
 
 def _now_ns() -> int:
@@ -522,10 +525,12 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
         raise bad(f"header says {total_size} bytes, mapping has {size}")
     if not (RECIPE_OFFSET + 4 <= header_size <= lanes_offset and lanes_offset % LINE == 0):
         raise bad("header size or lane offset out of range")
-    if not (1 <= lanes <= MAX_LANES and MIN_SLOTS <= slots <= MAX_SLOTS and 1 <= n_fields <= MAX_FIELDS and batch_size >= 1
+    if not (1 <= lanes <= MAX_LANES and MIN_SLOTS <= slots <= MAX_SLOTS and 1 <= n_fields <= MAX_FIELDS
+            and batch_size >= 1
             and 1 <= ranks <= MAX_RANKS and lanes % ranks == 0):
         raise bad(f"lanes={lanes} slots={slots} fields={n_fields} batch_size={batch_size} ranks={ranks}")
-    if lanes_offset + lanes * LANE_BLOCK + ranks * CONSUMER_BLOCK > slots_offset or slots_offset % LINE or slot_size % LINE:
+    if (lanes_offset + lanes * LANE_BLOCK + ranks * CONSUMER_BLOCK > slots_offset
+            or slots_offset % LINE or slot_size % LINE):
         raise bad("lane or consumer blocks overlap the slots or are misaligned")
     if slot_size < SLOT_HEADER_SIZE or slots_offset + lanes * slots * slot_size > size:
         raise bad("slots extend past the end of the mapping")
@@ -534,7 +539,8 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
         raise bad("recipe text extends past the header")
     fields, offsets = [], []
     for i in range(n_fields):
-        raw_name, raw_dtype, ndim, d0, d1, d2, off, nbytes = struct.unpack_from("<24s8sIIIIQQ", mem, SCHEMA_OFFSET + i * LINE)
+        raw_name, raw_dtype, ndim, d0, d1, d2, off, nbytes = struct.unpack_from("<24s8sIIIIQQ", mem,
+                                                                               SCHEMA_OFFSET + i * LINE)
         dtype_str = raw_dtype.rstrip(b"\0").decode("ascii", "replace")
         if dtype_str not in ALLOWED_DTYPES or not 1 <= ndim <= 3:
             raise bad(f"field {i}: dtype {dtype_str!r} ndim {ndim}")
@@ -552,8 +558,8 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
             raise bad(f"field {i}: empty or repeated name {field_name!r}")
         fields.append(Field(field_name, dtype, shape))
         offsets.append(off)
-    spans = sorted((o, o + f.nbytes) for o, f in zip(offsets, fields))
-    if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])):
+    spans = sorted((o, o + f.nbytes) for o, f in zip(offsets, fields, strict=True))
+    if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False)):
         raise bad("field arrays overlap")
     geometry = Geometry(lanes, slots, batch_size, tuple(fields), ranks)
     if geometry.field_offsets() != offsets or geometry.slot_size != slot_size:

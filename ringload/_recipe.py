@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import MISSING, asdict, dataclass, fields
-from dataclasses import field as dataclass_field
+from dataclasses import MISSING, asdict, dataclass, field as dataclass_field, fields
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +221,8 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         (1 <= recipe.world_size <= MAX_RANKS, "world_size", f"must be 1..{MAX_RANKS} ranks per node"),
         (recipe.nnodes >= 1, "nnodes", "must be at least 1"),
         (0 <= recipe.node_rank < recipe.nnodes, "node_rank", f"must be 0..nnodes-1 ({recipe.nnodes - 1})"),
-        (recipe.producers * recipe.world_size <= MAX_LANES, "producers", f"times world_size must be at most {MAX_LANES}"),
+        (recipe.producers * recipe.world_size <= MAX_LANES, "producers",
+         f"times world_size must be at most {MAX_LANES}"),
         (recipe.node_sharding in NODE_SHARDING, "node_sharding", f"must be {', '.join(NODE_SHARDING)}"),
         (recipe.tokenizer_engine in ENGINES, "tokenizer_engine", f"must be {', '.join(ENGINES)}"),
         (recipe.node_sharding == "batches" or recipe.epochs is None, "node_sharding",

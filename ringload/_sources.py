@@ -122,9 +122,9 @@ def read_blocks(source: Source, files: list[str], order: list[int], chunk_bytes:
     ``resume`` = (byte offset, line, part) where reading starts in the first file (``part``: pieces
     of a long record already read there). ``split_long_records``: cut records longer than
     ``chunk_bytes`` into pieces (see the module docstring), except those over ``max_record_bytes``,
-    which stay whole for the producer's ``on_long_record`` policy (skip, truncate or fail). A file that breaks off (truncated or
-    corrupt compression, unreadable) raises ``SourceError``, or, given ``on_error``, is reported to
-    it and the rest of that file skipped."""
+    which stay whole for the producer's ``on_long_record`` policy (skip, truncate or fail). A file that
+    breaks off (truncated or corrupt compression, unreadable) raises ``SourceError``, or, given
+    ``on_error``, is reported to it and the rest of that file skipped."""
 
     def block(file_index: int, offset: int, line: int, payload: bytes, part: int = 0, continues: bool = False) -> Chunk:
         return dataclasses.replace(stamp, file_index=file_index, offset=offset, line=line, payload=payload, part=part,
@@ -342,7 +342,7 @@ class Hooks:
     change: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     @classmethod
-    def load(cls, source: Source) -> "Hooks":
+    def load(cls, source: Source) -> Hooks:
         return cls(import_hook(source.filter, "source.filter"), import_hook(source.map, "source.map"))
 
 
@@ -587,7 +587,7 @@ def _csv_row(fields: list[str], header: list[str]) -> dict[str, Any] | str | Non
         return None  # a blank line, or a row of empty fields: not an example
     if len(fields) != len(header):
         return f"{len(fields)} fields where the header has {len(header)}"
-    return dict(zip(header, fields))
+    return dict(zip(header, fields, strict=True))
 
 
 def _csv_records(body: bytes, quoted: bool) -> Iterator[tuple[int, bytes]]:
