@@ -60,12 +60,28 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from ._consumer import Loader, connect
-    from ._dataset import RingDataset
-    from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RecipeError, RingError, RingloadError
-    from ._flatten import flatten_packed
-    from ._handle import RingHandle, start
-    from ._layout import Field
-    from ._recipe import Recipe, load_recipe, parse_recipe
-    from ._status import list_rings, ring_status
-    from ._tasks import CausalLM, Classify, MaskedLM, MultiLabel, PendingBatch, Task, TokenizerInfo
+    # `X as X`: an explicit re-export, for type checkers (the names are bound lazily by __getattr__).
+    from ._consumer import Loader as Loader, connect as connect
+    from ._dataset import RingDataset as RingDataset
+    from ._errors import (
+        DaemonGone as DaemonGone,
+        LoaderTimeout as LoaderTimeout,
+        ProducerFailed as ProducerFailed,
+        RecipeError as RecipeError,
+        RingError as RingError,
+        RingloadError as RingloadError,
+    )
+    from ._flatten import flatten_packed as flatten_packed
+    from ._handle import RingHandle as RingHandle, start as start
+    from ._layout import Field as Field
+    from ._recipe import Recipe as Recipe, load_recipe as load_recipe, parse_recipe as parse_recipe
+    from ._status import list_rings as list_rings, ring_status as ring_status
+    from ._tasks import (
+        CausalLM as CausalLM,
+        Classify as Classify,
+        MaskedLM as MaskedLM,
+        MultiLabel as MultiLabel,
+        PendingBatch as PendingBatch,
+        Task as Task,
+        TokenizerInfo as TokenizerInfo,
+    )

@@ -6,7 +6,6 @@ on stderr and exit code 2 (``run``)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -18,6 +17,7 @@ import click
 
 from ._errors import RingError, RingloadError
 from ._names import validate_name
+from ._types import MAX_LANES, MAX_RANKS
 
 
 @click.group()
@@ -28,8 +28,8 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", help="Ring name (default: the recipe's name).")
-@click.option("--producers", type=click.IntRange(1, 256), help="Producer processes (default: the recipe's).")
-@click.option("--world-size", type=click.IntRange(1, 64),
+@click.option("--producers", type=click.IntRange(1, MAX_LANES), help="Producer processes (default: the recipe's).")
+@click.option("--world-size", type=click.IntRange(1, MAX_RANKS),
               help="Consumer ranks on this node, one per training process (torchrun's --nproc-per-node).")
 @click.option("--nnodes", type=click.IntRange(1), help="Nodes, each running its own `ringload start` of this recipe.")
 @click.option("--node-rank", type=click.IntRange(0), help="This node's rank, 0..nnodes-1.")
@@ -43,6 +43,7 @@ def start(recipe: str, name: str | None, producers: int | None, world_size: int 
     from ._daemon import Daemon
     from ._handle import launch
     from ._housekeeping import log_file
+    from ._log import log_to_stderr
     from ._recipe import load_recipe
 
     loaded = load_recipe(recipe)
@@ -55,15 +56,17 @@ def start(recipe: str, name: str | None, producers: int | None, world_size: int 
         click.echo(f"ring {ring_name} ready (daemon pid {process.pid}, log {log_file(ring_name)}); "
                    f"`ringload stop {ring_name}` ends it")
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s ringload: %(message)s", stream=sys.stderr)
+    log_to_stderr()
     sys.exit(Daemon(loaded, ring_name, resume=state, stop_with=stop_with).run())
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
-@click.option("--world-size", type=click.IntRange(1, 64), help="Consumer ranks per node, as `ringload start` will get.")
+@click.option("--world-size", type=click.IntRange(1, MAX_RANKS),
+              help="Consumer ranks per node, as `ringload start` will get.")
 @click.option("--nnodes", type=click.IntRange(1), help="Nodes, as `ringload start` will get.")
-@click.option("--processes", type=click.IntRange(1, 256), help="Tokenizing processes (default: the recipe's producers).")
+@click.option("--processes", type=click.IntRange(1, MAX_LANES),
+              help="Tokenizing processes (default: the recipe's producers).")
 def plan(recipe: str, world_size: int | None, nnodes: int | None, processes: int | None) -> None:
     """Count the batches each rank gets per epoch of RECIPE (tokenizing it once), for len() of its loaders.
 
@@ -85,8 +88,8 @@ def plan(recipe: str, world_size: int | None, nnodes: int | None, processes: int
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait before killing the daemon.")
 def stop(name: str, timeout: float) -> None:
     """Stop the ring NAME: its daemon stops the producers and removes every shared object."""
-    from ._housekeeping import remove_ring, ring_owner
     from ._failures import forget_failure, read_failure
+    from ._housekeeping import remove_ring, ring_owner
     from ._names import list_ring_names, pid_alive
 
     validate_name(name)
@@ -172,7 +175,8 @@ def _render_status(s: dict) -> str:
         ])
     g = s["geometry"]
     lines = [
-        f"ring {s['name']}  state {s['state']}  daemon pid {s['daemon_pid']} ({'alive' if s['daemon_alive'] else 'DEAD'}, "
+        f"ring {s['name']}  state {s['state']}  daemon pid {s['daemon_pid']} "
+        f"({'alive' if s['daemon_alive'] else 'DEAD'}, "
         f"heartbeat {s['heartbeat_age_s']:.1f} s ago)",
         f"batches {g['batch_size']} x {', '.join(f['name'] + str(f['shape'][1:]) for f in g['fields'])}  "
         f"{g['producers']} producers x {s['sharding']['ranks']} ranks x {g['slots_per_lane']} slots  "
@@ -180,15 +184,17 @@ def _render_status(s: dict) -> str:
                                            if s["sharding"]["nnodes"] > 1 else ""),
         f"fill {s['fill']['slots_filled']}/{s['fill']['slots_total']} slots  "
         f"{s['rates']['batches_per_s']:.1f} batches/s  {s['rates']['tokens_per_s'] / 1e6:.3f} Mtokens/s",
-        f"sources: {s['source_bytes']['fetched'] / 2**20:.1f} MiB fetched of {s['source_bytes']['listed'] / 2**20:.1f} MiB "
-        "in the files opened so far" + (f"  (stream ends at chunk {s['end_chunk']})" if s["end_chunk"] is not None else ""),
+        f"sources: {s['source_bytes']['fetched'] / 2**20:.1f} MiB fetched of "
+        f"{s['source_bytes']['listed'] / 2**20:.1f} MiB in the files opened so far"
+        + (f"  (stream ends at chunk {s['end_chunk']})" if s["end_chunk"] is not None else ""),
     ]
     if s["tokenizer_engine"]:
         lines.append(_render_engine(s["tokenizer_engine"]))
     lines += [f"rank {c['rank']}: consumer {c['pid'] or '-'}  next chunk {c['chunk']} batch {c['index']}  "
               f"delivered {c['delivered']}" for c in s["consumers"]]
     shares = [template.format(s["packing"][key]) for key, template in
-              (("padding_ratio", "padding {:.2%} of row tokens"), ("truncation_ratio", "{:.2%} of documents cut across rows"))
+              (("padding_ratio", "padding {:.2%} of row tokens"),
+               ("truncation_ratio", "{:.2%} of documents cut across rows"))
               if s["packing"][key] is not None]
     if shares:
         lines.append("  ".join(shares))
@@ -208,7 +214,7 @@ def _render_status(s: dict) -> str:
     ]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     lines.append("")
-    lines += ["  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows]
+    lines += ["  ".join(str(v).rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
 
 
@@ -273,8 +279,8 @@ def list_command() -> None:
 @main.command()
 def clean() -> None:
     """Remove every ring (and stray semaphore) whose daemon is dead, and the records of failed rings."""
-    from ._housekeeping import clean_orphans
     from ._failures import failed_names, forget_failure
+    from ._housekeeping import clean_orphans
 
     removed = clean_orphans()
     forgotten = [name for name in failed_names() if forget_failure(name)]

@@ -214,7 +214,8 @@ class Loader:
         full = [lane for lane, held in per_lane.items() if held >= self._slots]
         return (f". {len(self._outstanding)} batches handed out earlier are still referenced, and each holds its "
                 f"ring slot ({self._slots} per producer lane)"
-                + (f"; every slot of lane {full[0]} is held, so its producer cannot write the next batch" if full else "")
+                + (f"; every slot of lane {full[0]} is held, so its producer cannot write the next batch"
+                   if full else "")
                 + ": .clone() the tensors you keep, or connect(..., copy=True) to get batches that hold no slot")
 
     def _host_batch(self, lane: int, seq: int) -> tuple[Any, dict[str, Any]]:

@@ -43,8 +43,8 @@ from typing import Any
 
 from ._errors import ProducerFailed, RecipeError, RingError
 from ._failures import forget_failure, record_failure
-from ._http import SourceMeter
 from ._housekeeping import reclaim_if_dead, remove_ring
+from ._http import SourceMeter
 from ._lanes import STAT_WORDS, LaneWord, Semaphores, last_published, repair_after_producer_death
 from ._layout import Field, Geometry, Position, Ring, State, Word, write_position
 from ._names import pid_alive, validate_name
@@ -54,8 +54,8 @@ from ._recipe import Recipe
 from ._resume import check_state, stream_identity
 from ._sources import Chunk, Hooks, bad_record_stop, expand_paths, parse_records, record_origin
 from ._stream import read_stream
-from ._types import ResumePoint
 from ._tasks import Task, build_task
+from ._types import ResumePoint
 
 HEARTBEAT_S = 0.25
 TOKENS_PER_BYTE_ESTIMATE = 0.3  # WordPiece/BPE on English prose; only sizes the default lanes

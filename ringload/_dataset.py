@@ -46,7 +46,8 @@ class RingDataset(torch.utils.data.IterableDataset):
     keywords are :func:`ringload.connect`'s.
     """
 
-    def __init__(self, ring: str | None = None, *, recipe: str | os.PathLike[str] | dict[str, Any] | Recipe | None = None,
+    def __init__(self, ring: str | None = None, *,
+                 recipe: str | os.PathLike[str] | dict[str, Any] | Recipe | None = None,
                  name: str | None = None, producers: int | None = None, resume: dict[str, Any] | None = None,
                  device: Any = "cpu", timeout: float = 30.0, dtypes: dict[str, Any] | None = None, prefetch: int = 2,
                  trim: bool = False, meta: bool = False, rank: int | None = None, copy: bool = False):
@@ -58,9 +59,9 @@ class RingDataset(torch.utils.data.IterableDataset):
         processes = os.environ.get("WORLD_SIZE", "1")
         if recipe is not None and processes.isdigit() and int(processes) > 1:
             raise RingError(
-                f"RingDataset(recipe=...) starts a ring for a single training process, but WORLD_SIZE={processes}: start "
-                "the ring once per node with `ringload start RECIPE --world-size N --detach` (N processes on the node; "
-                "add --resume STATE.json to continue a checkpoint) and give every process its name: "
+                f"RingDataset(recipe=...) starts a ring for a single training process, but WORLD_SIZE={processes}: "
+                "start the ring once per node with `ringload start RECIPE --world-size N --detach` (N processes on "
+                "the node; add --resume STATE.json to continue a checkpoint) and give every process its name: "
                 "RingDataset('NAME')")
         self._ring, self._recipe = ring, recipe
         self._start_options = {"name": name, "producers": producers}
@@ -204,7 +205,8 @@ class RingDataset(torch.utils.data.IterableDataset):
         if state and (state.get("next"), state.get("delivered")) != (here["next"], here["delivered"]):
             raise RingError(
                 f"RingDataset({self._ring!r}) attaches to a ring started elsewhere, which stands at batch "
-                f"{here['delivered']} of its stream; it cannot move to the checkpoint's batch {state.get('delivered')}. "
+                f"{here['delivered']} of its stream; it cannot move to the checkpoint's batch "
+                f"{state.get('delivered')}. "
                 "Restart that ring with `ringload start RECIPE --resume STATE.json`, or let the dataset own its ring: "
                 "RingDataset(recipe=...).")
         return here["delivered"]

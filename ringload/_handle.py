@@ -16,13 +16,14 @@ import yaml
 from ._errors import RingError
 from ._housekeeping import log_file, remove_ring
 from ._layout import Ring, State, Word
-from ._names import list_ring_names
-from ._names import validate_name
+from ._names import list_ring_names, validate_name
 from ._recipe import Recipe, as_recipe
 
 
 class RingHandle:
-    """A running ``ringload start`` daemon. ``stop()`` (or leaving the ``with`` block) ends it."""
+    """A running ``ringload start`` daemon. ``stop()`` (or leaving the ``with`` block) ends it.
+
+    ``log_path``: the file the daemon and its producers log to (skipped records, restarts, failures)."""
 
     def __init__(self, name: str, process: subprocess.Popen, log_path: Path):
         self.name, self.process, self.log_path = name, process, log_path

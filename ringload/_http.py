@@ -39,8 +39,6 @@ class ResumableHTTPFile(io.RawIOBase):
         self.url, self.retries, self.backoff, self.timeout = url, retries, backoff, timeout
         self.headers = dict(headers or {})
         self.offset = 0  # bytes handed to the reader so far
-        self.fetched = 0  # bytes received from the network, re-reads included
-        self.reconnects = 0
         self.size: int | None = None
         self._response: http.client.HTTPResponse | None = None
 
@@ -57,7 +55,6 @@ class ResumableHTTPFile(io.RawIOBase):
                 if n == 0 and self.size is not None and self.offset < self.size:
                     raise http.client.IncompleteRead(b"", self.size - self.offset)
                 self.offset += n
-                self.fetched += n
                 self.meter.fetched += n
                 return n
             except (OSError, http.client.HTTPException, _Retry) as exc:
@@ -72,7 +69,6 @@ class ResumableHTTPFile(io.RawIOBase):
                 log.warning("%s: %s at byte %d; retrying in %.1f s (%d/%d)", self.url, exc, self.offset, delay,
                             failures, self.retries)
                 time.sleep(delay)
-                self.reconnects += 1
 
     def _open(self) -> http.client.HTTPResponse:
         headers = dict(self.headers)
@@ -108,7 +104,6 @@ class ResumableHTTPFile(io.RawIOBase):
             skipped = response.read(min(remaining, BLOCK))
             if not skipped:
                 raise _Retry(f"connection closed while skipping to byte {self.offset}")
-            self.fetched += len(skipped)
             self.meter.fetched += len(skipped)
             remaining -= len(skipped)
         return response

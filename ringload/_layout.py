@@ -71,15 +71,12 @@ import posix_ipc
 
 from ._errors import RingError
 from ._names import shm_name, validate_name
-from ._types import Cursor, ResumePoint
+from ._types import MAX_LANES, MAX_RANKS, MAX_SLOTS, MIN_SLOTS, Cursor, ResumePoint
 
 MAGIC = b"RINGLOAD"
 VERSION = 5
 LINE = 64
 MAX_FIELDS = 8
-MAX_LANES = 256
-MAX_RANKS = 64
-MAX_SLOTS = 1 << 16
 SCHEMA_OFFSET = 320
 ERROR_OFFSET = SCHEMA_OFFSET + MAX_FIELDS * LINE
 ERROR_CAPACITY = 1020
@@ -283,8 +280,8 @@ class Geometry:
         if not 1 <= self.lanes <= MAX_LANES or self.lanes % self.ranks:
             raise RingError(f"producers x ranks must be at most {MAX_LANES}, got {self.lanes} lanes for "
                             f"{self.ranks} ranks; use fewer producers")
-        if not 2 <= self.slots <= MAX_SLOTS:
-            raise RingError(f"slots must be 2..{MAX_SLOTS} per producer, got {self.slots}")
+        if not MIN_SLOTS <= self.slots <= MAX_SLOTS:
+            raise RingError(f"slots must be {MIN_SLOTS}..{MAX_SLOTS} per producer, got {self.slots}")
         if not 1 <= len(self.fields) <= MAX_FIELDS:
             raise RingError(f"a batch needs 1..{MAX_FIELDS} fields, got {len(self.fields)}")
         for f in self.fields:
@@ -300,10 +297,9 @@ class Ring:
     Create with :meth:`create` (the daemon) or :meth:`attach` (everyone else).
     """
 
-    def __init__(self, name: str, mem: mmap.mmap, geometry: Geometry, owner: bool):
+    def __init__(self, name: str, mem: mmap.mmap, geometry: Geometry):
         self.name = name
         self.geometry = geometry
-        self.owner = owner
         self._mem = mem
         self.words = memoryview(mem).cast("q")
         ident = _IDENTITY.unpack_from(mem, 0)
@@ -342,7 +338,7 @@ class Ring:
         header_size = geometry.header_size(recipe_json)
         lanes_offset = header_size
         slots_offset = geometry.slots_offset(lanes_offset)
-        for i, (f, off) in enumerate(zip(geometry.fields, geometry.field_offsets())):
+        for i, (f, off) in enumerate(zip(geometry.fields, geometry.field_offsets(), strict=True)):
             dims = list(f.shape) + [0] * (3 - len(f.shape))
             struct.pack_into(
                 "<24s8sIIIIQQ", mem, SCHEMA_OFFSET + i * LINE, f.name.encode(),
@@ -354,7 +350,7 @@ class Ring:
             mem, 0, b"\0" * 8, VERSION, header_size, size, geometry.lanes, geometry.slots,
             geometry.slot_size, lanes_offset, slots_offset, len(geometry.fields), geometry.ranks, geometry.batch_size,
         )
-        ring = cls(name, mem, geometry, owner=True)
+        ring = cls(name, mem, geometry)
         ring.words[Word.OWNER_UID] = os.getuid()
         ring.words[Word.END_CHUNK] = -1
         for rank in range(geometry.ranks):
@@ -381,9 +377,11 @@ class Ring:
         try:
             st = os.fstat(shm.fd)
             if st.st_uid != os.getuid():
-                raise RingError(f"ring {name!r} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); refusing to attach")
+                raise RingError(f"ring {name!r} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
+                                "refusing to attach")
             if stat.S_IMODE(st.st_mode) & 0o077:
-                raise RingError(f"ring {name!r} has mode {stat.S_IMODE(st.st_mode):o}; ringload only attaches to 0600 rings")
+                raise RingError(f"ring {name!r} has mode {stat.S_IMODE(st.st_mode):o}; "
+                                "ringload only attaches to 0600 rings")
             if st.st_size < RECIPE_OFFSET + 4:
                 raise RingError(f"ring {name!r} is too small ({st.st_size} bytes) to hold a ringload header")
             mem = mmap.mmap(shm.fd, st.st_size)
@@ -394,7 +392,7 @@ class Ring:
         except RingError:
             mem.close()
             raise
-        return cls(name, mem, geometry, owner=False)
+        return cls(name, mem, geometry)
 
     def close(self) -> None:
         """Drop this process's mapping; numpy views still alive keep it mapped until collected."""
@@ -485,7 +483,8 @@ class Ring:
     def field_views(self, buffer: np.ndarray, names: frozenset[str] | None = None) -> dict[str, np.ndarray]:
         """The fields (all, or those in ``names``) of a :meth:`slot_buffer` as views whose base is it."""
         return {f.name: np.ndarray(f.shape, f.dtype, buffer=buffer, offset=off)
-                for f, off in zip(self.geometry.fields, self.field_offsets) if names is None or f.name in names}
+                for f, off in zip(self.geometry.fields, self.field_offsets, strict=True)
+                if names is None or f.name in names}
 
 
 def _now_ns() -> int:
@@ -526,10 +525,12 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
         raise bad(f"header says {total_size} bytes, mapping has {size}")
     if not (RECIPE_OFFSET + 4 <= header_size <= lanes_offset and lanes_offset % LINE == 0):
         raise bad("header size or lane offset out of range")
-    if not (1 <= lanes <= MAX_LANES and 2 <= slots <= MAX_SLOTS and 1 <= n_fields <= MAX_FIELDS and batch_size >= 1
+    if not (1 <= lanes <= MAX_LANES and MIN_SLOTS <= slots <= MAX_SLOTS and 1 <= n_fields <= MAX_FIELDS
+            and batch_size >= 1
             and 1 <= ranks <= MAX_RANKS and lanes % ranks == 0):
         raise bad(f"lanes={lanes} slots={slots} fields={n_fields} batch_size={batch_size} ranks={ranks}")
-    if lanes_offset + lanes * LANE_BLOCK + ranks * CONSUMER_BLOCK > slots_offset or slots_offset % LINE or slot_size % LINE:
+    if (lanes_offset + lanes * LANE_BLOCK + ranks * CONSUMER_BLOCK > slots_offset
+            or slots_offset % LINE or slot_size % LINE):
         raise bad("lane or consumer blocks overlap the slots or are misaligned")
     if slot_size < SLOT_HEADER_SIZE or slots_offset + lanes * slots * slot_size > size:
         raise bad("slots extend past the end of the mapping")
@@ -538,7 +539,8 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
         raise bad("recipe text extends past the header")
     fields, offsets = [], []
     for i in range(n_fields):
-        raw_name, raw_dtype, ndim, d0, d1, d2, off, nbytes = struct.unpack_from("<24s8sIIIIQQ", mem, SCHEMA_OFFSET + i * LINE)
+        raw_name, raw_dtype, ndim, d0, d1, d2, off, nbytes = struct.unpack_from("<24s8sIIIIQQ", mem,
+                                                                               SCHEMA_OFFSET + i * LINE)
         dtype_str = raw_dtype.rstrip(b"\0").decode("ascii", "replace")
         if dtype_str not in ALLOWED_DTYPES or not 1 <= ndim <= 3:
             raise bad(f"field {i}: dtype {dtype_str!r} ndim {ndim}")
@@ -556,8 +558,8 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
             raise bad(f"field {i}: empty or repeated name {field_name!r}")
         fields.append(Field(field_name, dtype, shape))
         offsets.append(off)
-    spans = sorted((o, o + f.nbytes) for o, f in zip(offsets, fields))
-    if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])):
+    spans = sorted((o, o + f.nbytes) for o, f in zip(offsets, fields, strict=True))
+    if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False)):
         raise bad("field arrays overlap")
     geometry = Geometry(lanes, slots, batch_size, tuple(fields), ranks)
     if geometry.field_offsets() != offsets or geometry.slot_size != slot_size:

@@ -55,7 +55,7 @@ def _identity(recipe: Recipe, files: list[list[str]]) -> dict[str, Any]:
 
 def _file_stamps(recipe: Recipe, files: list[list[str]]) -> list[list[list[Any]]]:
     """Every source file's (size, modification time): what besides the stream's identity the counts depend on."""
-    return [[_stamp(path, source) for path in paths] for paths, source in zip(files, recipe.sources)]
+    return [[_stamp(path, source) for path in paths] for paths, source in zip(files, recipe.sources, strict=True)]
 
 
 def _stamp(path: str, source: Any) -> list[Any]:

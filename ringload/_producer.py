@@ -26,6 +26,7 @@ working (parsing, tokenizing, shaping, writing), waiting for a chunk and waiting
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import struct
@@ -37,9 +38,10 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ._lanes import LaneWord, LaneWriter, Semaphores
 from ._errors import RingError
+from ._lanes import LaneWord, LaneWriter, Semaphores
 from ._layout import Ring, State, Word
+from ._log import log_to_stderr
 from ._recipe import parse_recipe
 from ._sources import BadRecord, Chunk, Hooks, bad_record_stop, parse_records, record_origin
 from ._tasks import PendingBatch, build_task
@@ -52,6 +54,7 @@ BAD_RECORDS_LOGGED = 5
 ATTACH_POLL_S = 0.005
 LOOKAHEAD_BYTES = 256 << 20  # at most this much of a chunk's batches waits in a producer's memory
 PR_SET_PDEATHSIG = 1
+log = logging.getLogger("ringload.producer")
 
 
 def encode_chunk(chunk: Chunk, skip: int) -> bytes:
@@ -207,13 +210,13 @@ class Producer:
         if self.recipe.on_bad_record == "fail":
             raise bad_record_stop(bad[0])
         for record in bad[: max(0, BAD_RECORDS_LOGGED - self.bad_logged)]:
-            print(f"ringload producer {self.lane}: skipped bad record {record}", file=sys.stderr, flush=True)
+            log.warning("producer %d: skipped bad record %s", self.lane, record)
         self.bad_logged += len(bad)
 
     def _report_truncated(self, truncated: list[BadRecord]) -> None:
         self._add(LaneWord.RECORDS_TRUNCATED, len(truncated))
         for record in truncated[: max(0, BAD_RECORDS_LOGGED - self.truncated_logged)]:
-            print(f"ringload producer {self.lane}: truncated record {record}", file=sys.stderr, flush=True)
+            log.warning("producer %d: truncated record %s", self.lane, record)
         self.truncated_logged += len(truncated)
 
 
@@ -277,6 +280,7 @@ def producer_main(ring_name: str, lane: int, conn: Connection, recipe: dict[str,
                   daemon_pid: int) -> None:
     """Entry point of a spawned producer process."""
     _die_with_parent(daemon_pid)
+    log_to_stderr()
     producer = None
     try:
         producer = Producer(ring_name, lane, conn, recipe, files)
@@ -294,5 +298,5 @@ def producer_main(ring_name: str, lane: int, conn: Connection, recipe: dict[str,
             conn.send_bytes(ERROR + message.encode())
         except OSError:
             pass
-        print(message, file=sys.stderr, flush=True)
+        log.error("%s", message)
         sys.exit(1)

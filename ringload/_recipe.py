@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass
-from dataclasses import field as dataclass_field
+from dataclasses import MISSING, asdict, dataclass, field as dataclass_field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ._errors import RecipeError
-from ._types import MAX_SOURCES, Dealing
+from ._types import MAX_LANES, MAX_RANKS, MAX_SLOTS, MAX_SOURCES, MIN_SLOTS, Dealing
 
 FORMATS = ("text", "jsonl", "cirrussearch", "csv", "tsv", "parquet")
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_SCALE = 16
+MIN_CHUNK_BYTES = 1024
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted")
 NODE_SHARDING = ("batches", "chunks", "files")
 LONG_RECORD_POLICIES = ("skip", "truncate", "fail")
+MAX_TIMEOUT_S = 3600  # an HTTP source's seconds without data before it reconnects
 ASSETS_ENV = "RINGLOAD_ASSETS"
 _HOOK = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
@@ -122,6 +123,22 @@ _TOP_KEYS = {f for f in Recipe.__dataclass_fields__} | {"source"}
 _SOURCE_KEYS = {f for f in Source.__dataclass_fields__}
 
 
+def _declared_defaults(cls: type) -> dict[str, Any]:
+    """Each field's default as the dataclass declares it: the parser fills omitted keys from here."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+_RECIPE_DEFAULTS = _declared_defaults(Recipe)
+_SOURCE_DEFAULTS = _declared_defaults(Source)
+# Recipe keys that are one scalar each: the type ``_typed`` checks (int also rules out bool).
+_RECIPE_SCALARS: dict[str, type] = {
+    "batch_size": int, "producers": int, "slots": int, "seed": int, "epochs": int, "skip_batches": int,
+    "max_batches": int, "chunk_bytes": int, "on_bad_record": str, "max_record_bytes": int, "on_long_record": str,
+    "max_restarts": int, "world_size": int, "nnodes": int, "node_rank": int, "node_sharding": str,
+    "stopping_strategy": str, "tokenizer_engine": str,
+}
+
+
 def as_recipe(recipe: str | os.PathLike[str] | dict[str, Any] | Recipe) -> Recipe:
     """A recipe given as a file, a mapping (relative paths taken from the current directory) or a Recipe."""
     if isinstance(recipe, Recipe):
@@ -161,10 +178,6 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
             raise fail(required, "missing (required keys: name, source or sources, tokenizer, task)")
 
     sources = _parse_sources(data, base_dir, origin)
-    stopping = _typed(data, "stopping_strategy", str, "first_exhausted", origin)
-    if stopping not in STOPPING_STRATEGIES:
-        raise fail("stopping_strategy", f"must be {' or '.join(STOPPING_STRATEGIES)}, got {stopping!r}")
-
     task = data["task"]
     if not isinstance(task, dict) or "type" not in task:
         raise fail("task", "must be a mapping with at least `type` (e.g. {type: mlm, seq_len: 128})")
@@ -180,35 +193,22 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
     recipe = Recipe(
         name=name,
         sources=sources,
-        stopping_strategy=stopping,
         tokenizer=_resolve(tokenizer, base_dir),
         task=task,
-        batch_size=_typed(data, "batch_size", int, 32, origin),
-        producers=_typed(data, "producers", int, 2, origin),
-        slots=_typed(data, "slots", int, None, origin),
-        seed=_typed(data, "seed", int, 0, origin),
-        epochs=_typed(data, "epochs", int, None, origin),
-        skip_batches=_typed(data, "skip_batches", int, 0, origin),
-        max_batches=_typed(data, "max_batches", int, None, origin),
-        chunk_bytes=_typed(data, "chunk_bytes", int, None, origin),
-        on_bad_record=_typed(data, "on_bad_record", str, "skip", origin),
-        max_record_bytes=_typed(data, "max_record_bytes", int, None, origin),
-        on_long_record=_typed(data, "on_long_record", str, "skip", origin),
-        max_restarts=_typed(data, "max_restarts", int, 3, origin),
-        world_size=_typed(data, "world_size", int, 1, origin),
-        nnodes=_typed(data, "nnodes", int, 1, origin),
-        node_rank=_typed(data, "node_rank", int, 0, origin),
-        node_sharding=_typed(data, "node_sharding", str, "batches", origin),
         shuffle=_shuffle(data.get("shuffle"), origin),
-        tokenizer_engine=_typed(data, "tokenizer_engine", str, "auto", origin),
+        **{key: _typed(data, key, kind, _RECIPE_DEFAULTS[key], origin) for key, kind in _RECIPE_SCALARS.items()},
     )
     checks = [
+        (recipe.stopping_strategy in STOPPING_STRATEGIES, "stopping_strategy",
+         f"must be {' or '.join(STOPPING_STRATEGIES)}"),
         (recipe.batch_size >= 1, "batch_size", "must be at least 1"),
-        (1 <= recipe.producers <= 256, "producers", "must be 1..256"),
-        (recipe.slots is None or 2 <= recipe.slots <= 65536, "slots", "must be 2..65536 per producer"),
+        (1 <= recipe.producers <= MAX_LANES, "producers", f"must be 1..{MAX_LANES}"),
+        (recipe.slots is None or MIN_SLOTS <= recipe.slots <= MAX_SLOTS, "slots",
+         f"must be {MIN_SLOTS}..{MAX_SLOTS} per producer"),
         (recipe.seed >= 0, "seed", "must be a non-negative integer"),
         (recipe.epochs is None or recipe.epochs >= 1, "epochs", "must be at least 1 (omit it to repeat forever)"),
-        (recipe.chunk_bytes is None or recipe.chunk_bytes >= 1024, "chunk_bytes", "must be at least 1024"),
+        (recipe.chunk_bytes is None or recipe.chunk_bytes >= MIN_CHUNK_BYTES, "chunk_bytes",
+         f"must be at least {MIN_CHUNK_BYTES}"),
         (recipe.skip_batches >= 0, "skip_batches", "must be >= 0"),
         (recipe.max_batches is None or recipe.max_batches >= 1, "max_batches", "must be at least 1"),
         (recipe.on_bad_record in ("skip", "fail"), "on_bad_record", "must be skip or fail"),
@@ -218,10 +218,11 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         (recipe.on_long_record == "skip" or recipe.max_record_bytes is not None, "on_long_record",
          "applies to records longer than max_record_bytes, which is not set"),
         (recipe.max_restarts >= 0, "max_restarts", "must be >= 0"),
-        (1 <= recipe.world_size <= 64, "world_size", "must be 1..64 ranks per node"),
+        (1 <= recipe.world_size <= MAX_RANKS, "world_size", f"must be 1..{MAX_RANKS} ranks per node"),
         (recipe.nnodes >= 1, "nnodes", "must be at least 1"),
         (0 <= recipe.node_rank < recipe.nnodes, "node_rank", f"must be 0..nnodes-1 ({recipe.nnodes - 1})"),
-        (recipe.producers * recipe.world_size <= 256, "producers", "times world_size must be at most 256"),
+        (recipe.producers * recipe.world_size <= MAX_LANES, "producers",
+         f"times world_size must be at most {MAX_LANES}"),
         (recipe.node_sharding in NODE_SHARDING, "node_sharding", f"must be {', '.join(NODE_SHARDING)}"),
         (recipe.tokenizer_engine in ENGINES, "tokenizer_engine", f"must be {', '.join(ENGINES)}"),
         (recipe.node_sharding == "batches" or recipe.epochs is None, "node_sharding",
@@ -270,30 +271,31 @@ def _parse_source(src: Any, key: str, base_dir: Path | None, origin: str) -> Sou
         paths = [paths]
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
         raise fail("paths", "must be a non-empty list of file paths, globs or URLs")
-    fmt = src.get("format", "text")
+    fmt = src.get("format", _SOURCE_DEFAULTS["format"])
     if fmt not in FORMATS:
         raise fail("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
     prefix = f"{key}."
-    field_name = _typed(src, "field", str, "text", origin, prefix)
-    pair_field = _typed(src, "pair_field", str, None, origin, prefix)
-    label_field = _typed(src, "label_field", str, None, origin, prefix)
+    field_name, pair_field, label_field = (_typed(src, key, str, _SOURCE_DEFAULTS[key], origin, prefix)
+                                           for key in ("field", "pair_field", "label_field"))
     if fmt == "text" and (pair_field or label_field):
         raise fail("format", "text files hold bare lines: use jsonl, csv or tsv for pairs and labels")
-    text_unit = _typed(src, "text_unit", str, "line", origin, prefix)
+    text_unit = _typed(src, "text_unit", str, _SOURCE_DEFAULTS["text_unit"], origin, prefix)
     if text_unit not in ("line", "paragraph"):
         raise fail("text_unit", f"must be line or paragraph, got {text_unit!r}")
-    hooks = {hook: _typed(src, hook, str, None, origin, prefix) for hook in ("filter", "map")}
+    hooks = {hook: _typed(src, hook, str, _SOURCE_DEFAULTS[hook], origin, prefix) for hook in ("filter", "map")}
     for hook, spec in hooks.items():
         if spec is not None and not _HOOK.match(spec):
             raise fail(hook, f"must name a function as module:function, got {spec!r}")
-    retries = _typed(src, "retries", int, 8, origin, prefix)
-    timeout = src.get("timeout", 60.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600 or retries < 0:
-        raise fail("timeout", f"{key}.timeout must be 0 < seconds <= 3600 and {key}.retries >= 0")
+    retries = _typed(src, "retries", int, _SOURCE_DEFAULTS["retries"], origin, prefix)
+    if retries < 0:
+        raise fail("retries", f"must be a number of reconnections >= 0, got {retries!r}")
+    timeout = src.get("timeout", _SOURCE_DEFAULTS["timeout"])
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise fail("timeout", f"must be 0 < seconds <= {MAX_TIMEOUT_S}, got {timeout!r}")
     storage_options = src.get("storage_options") or {}
     if not isinstance(storage_options, dict):
         raise fail("storage_options", "must be a mapping")
-    weight = src.get("weight", 1.0)
+    weight = src.get("weight", _SOURCE_DEFAULTS["weight"])
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
         raise fail("weight", f"must be a positive number (a share of the mixed stream), got {weight!r}")
     return Source(tuple(_resolve(p, base_dir) for p in paths), fmt, field_name, pair_field, label_field,

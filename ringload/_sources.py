@@ -122,9 +122,9 @@ def read_blocks(source: Source, files: list[str], order: list[int], chunk_bytes:
     ``resume`` = (byte offset, line, part) where reading starts in the first file (``part``: pieces
     of a long record already read there). ``split_long_records``: cut records longer than
     ``chunk_bytes`` into pieces (see the module docstring), except those over ``max_record_bytes``,
-    which stay whole for the producer's ``on_long_record`` policy (skip, truncate or fail). A file that breaks off (truncated or
-    corrupt compression, unreadable) raises ``SourceError``, or, given ``on_error``, is reported to
-    it and the rest of that file skipped."""
+    which stay whole for the producer's ``on_long_record`` policy (skip, truncate or fail). A file that
+    breaks off (truncated or corrupt compression, unreadable) raises ``SourceError``, or, given
+    ``on_error``, is reported to it and the rest of that file skipped."""
 
     def block(file_index: int, offset: int, line: int, payload: bytes, part: int = 0, continues: bool = False) -> Chunk:
         return dataclasses.replace(stamp, file_index=file_index, offset=offset, line=line, payload=payload, part=part,
@@ -188,6 +188,9 @@ def _parquet_payloads(path: str, source: Source, chunk_bytes: int, first_row: in
     except ImportError:
         raise RecipeError("source.format: parquet needs pyarrow (pip install 'ringload[parquet]')") from None
     columns = [c for c in (source.field, source.pair_field, source.label_field) if c]
+    # Not the resumable HTTP reader: pyarrow seeks (the footer first, then each row group's columns), and
+    # ResumableHTTPFile is forward-only by design, resuming one sequential read at its offset. fsspec's
+    # file serves the seeks with range requests; a connection it cannot recover fails the ring.
     with fsspec.open(path, mode="rb", **source.storage_options) as stream:
         parquet = pq.ParquetFile(stream)
         missing = [c for c in columns if c not in parquet.schema_arrow.names]
@@ -339,7 +342,7 @@ class Hooks:
     change: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     @classmethod
-    def load(cls, source: Source) -> "Hooks":
+    def load(cls, source: Source) -> Hooks:
         return cls(import_hook(source.filter, "source.filter"), import_hook(source.map, "source.map"))
 
 
@@ -584,7 +587,7 @@ def _csv_row(fields: list[str], header: list[str]) -> dict[str, Any] | str | Non
         return None  # a blank line, or a row of empty fields: not an example
     if len(fields) != len(header):
         return f"{len(fields)} fields where the header has {len(header)}"
-    return dict(zip(header, fields))
+    return dict(zip(header, fields, strict=True))
 
 
 def _csv_records(body: bytes, quoted: bool) -> Iterator[tuple[int, bytes]]:

@@ -91,7 +91,8 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
             "bytes": ring.total_size,
             "fields": [{"name": f.name, "dtype": np.dtype(f.dtype).name, "shape": list(f.shape)} for f in g.fields],
         },
-        "fill": {"slots_filled": filled, "slots_total": g.lanes * g.slots, "fraction": round(filled / (g.lanes * g.slots), 4)},
+        "fill": {"slots_filled": filled, "slots_total": g.lanes * g.slots,
+                 "fraction": round(filled / (g.lanes * g.slots), 4)},
         "rates": {"batches_per_s": round(ring.get_float(Word.BATCHES_PER_S), 2),
                   "tokens_per_s": round(ring.get_float(Word.TOKENS_PER_S), 1)},
         "packing": _packing(producers, g),
@@ -99,7 +100,8 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
     }
 
 
-_STAGE_WORDS = {"work_s": LaneWord.WORK_NS, "wait_chunk_s": LaneWord.WAIT_CHUNK_NS, "wait_slot_s": LaneWord.WAIT_SLOT_NS}
+_STAGE_WORDS = {"work_s": LaneWord.WORK_NS, "wait_chunk_s": LaneWord.WAIT_CHUNK_NS,
+                "wait_slot_s": LaneWord.WAIT_SLOT_NS}
 _STAGE_NAMES = {LaneWord.WORK_NS: "work", LaneWord.WAIT_CHUNK_NS: "wait_chunk", LaneWord.WAIT_SLOT_NS: "wait_slot"}
 BUSY_SHARE = 0.2  # a stage that waits more than this share of its time is held up by another
 

@@ -40,6 +40,7 @@ from ._recipe import Recipe, Source
 from ._sources import Chunk, SourceError, read_blocks
 from ._types import ResumePoint
 
+
 def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | None = None,
                 on_error: Callable[[SourceError], None] | None = None,
                 meter: SourceMeter | None = None, split_long_records: bool = False,
@@ -67,7 +68,7 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
             exhausted.append(lap > 0)
         if first_chunks is not None:
             heads = [next(chunks, None) for _, chunks in laps]
-            for lap_state, head in zip(laps, heads):
+            for lap_state, head in zip(laps, heads, strict=True):
                 if head is not None:
                     lap_state[1] = itertools.chain([head], lap_state[1])
             first_chunks(heads)

@@ -19,7 +19,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+# Limits a recipe, the command line and the ring's geometry share (each written once, here):
 MAX_SOURCES = 8  # sources of one recipe; the resume point has room for each one's cursor
+MAX_LANES = 256  # producers times consumer ranks per node: one lane each
+MAX_RANKS = 64  # consumer ranks per node
+MIN_SLOTS = 2  # per lane: one being written while the consumer holds another
+MAX_SLOTS = 1 << 16
 
 
 @dataclass(frozen=True)

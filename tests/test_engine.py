@@ -6,12 +6,12 @@ from __future__ import annotations
 import bz2
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import tiktoken
 from conftest import assert_same_stream, drain
+from fetch_assets import fetch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -24,8 +24,6 @@ from ringload._tasks.engines import (CACHE_ENV, KNOWN_SPLIT_PATTERNS, EngineSwit
                                      choose_engine, exact_tiktoken, proofs_dir)
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from fetch_assets import fetch  # noqa: E402
 
 SPECIAL = "<|endoftext|>"
 

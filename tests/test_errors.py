@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import random
+import re
 import select
 import signal
 import subprocess
@@ -349,3 +350,20 @@ def test_truncated_records_are_counted_in_status(recipe_file, ring_name, tmp_pat
             time.sleep(0.05)
     assert sum(p["records_truncated"] for p in status["producers"]) == 1
     assert sum(p["bad_records"] for p in status["producers"]) == 0
+
+
+def test_producer_messages_reach_the_ring_log_in_its_format(recipe_file, ring_name, tmp_path, corpus):
+    """A producer's skipped and truncated records land in the ring's log file, in the daemon's line format."""
+    data = tmp_path / "messy.jsonl"
+    lines = corpus["jsonl"].read_text().splitlines()
+    lines[5] = json.dumps({"text": " ".join(make_texts(400))})
+    lines[7] = '{"text": "unterminated'
+    data.write_text("\n".join(lines) + "\n")
+    recipe = recipe_file(source={"paths": [str(data)]}, max_record_bytes=4000, on_long_record="truncate")
+    with ringload.start(recipe, name=ring_name) as handle:
+        drain(ring_name)
+    log = handle.log_path.read_text()
+    stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ringload: "
+    assert re.search(stamp + r"ring \S+: \d+ producers", log, re.M), log  # the daemon's own line, same format
+    assert re.search(stamp + r"producer \d: truncated record \S*messy\.jsonl:6: field 'text'", log, re.M), log
+    assert re.search(stamp + r"producer \d: skipped bad record \S*messy\.jsonl:8: malformed JSON", log, re.M), log

@@ -1,6 +1,6 @@
 """Fault injection: real SIGKILLs of producers, consumers and the daemon at random points.
 
-The trials are those of ``scripts/faults.py`` (its module docstring says what each scenario kills
+The trials are those of ``tests/engines/faults.py`` (its module docstring says what each scenario kills
 and checks), run here on the test corpus with fewer trials: every trial draws its kill points from
 its own ``random.Random(seed)`` and compares the stream the consumer sees, batch digest by batch
 digest, with an uninterrupted reference run of the same recipe. The seeds change from run to run
@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
 from ringload._names import list_ring_names, list_semaphore_rings
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from faults import SCENARIOS, Setup, run_trial  # noqa: E402
+from tests.engines.faults import SCENARIOS, Setup, run_trial
 
 SEED_ENV = "RINGLOAD_FAULT_SEED"
 

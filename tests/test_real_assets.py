@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 from conftest import drain
+from fetch_assets import fetch
 
 import ringload
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from fetch_assets import fetch  # noqa: E402
 
 
 @pytest.fixture(scope="module")

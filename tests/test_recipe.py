@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -9,7 +10,9 @@ import sys
 import pytest
 import yaml
 
+import ringload
 from ringload import RecipeError, load_recipe, parse_recipe
+from ringload._recipe import Source
 
 BASE = {
     "name": "r",
@@ -63,12 +66,40 @@ def with_changes(**changes):
         ({"node_sharding": "files", "epochs": 2}, "node_sharding: files gives each node its own epoch length"),
         ({"node_sharding": "records"}, "node_sharding: must be batches, chunks, files"),
         ({"node_sharding": "chunks", "epochs": 1}, "node_sharding: chunks gives each node its own epoch length"),
+        ({"source": {"paths": ["x"], "retries": -1}}, "source.retries: must be a number of reconnections >= 0, got -1"),
+        ({"source": {"paths": ["x"], "timeout": 0}}, "source.timeout: must be 0 < seconds <= 3600, got 0"),
+        ({"task": {"type": "classify", "labels": ["a", ["b"]]}}, "task.labels: must be a list of names"),
     ],
 )
 def test_mistakes_name_the_key(changes, message):
     """Each malformed recipe raises RecipeError whose message names the offending key."""
     with pytest.raises(RecipeError, match=re.escape(message)):
         parse_recipe(with_changes(**changes))
+
+
+def test_omitted_keys_take_the_dataclass_defaults():
+    """A recipe that gives only the required keys gets every default the Recipe and Source dataclasses declare."""
+    recipe = parse_recipe(with_changes())
+    for owner, parsed in ((ringload.Recipe, recipe), (Source, recipe.sources[0])):
+        for field in dataclasses.fields(owner):
+            given = field.name in BASE or field.name in BASE["source"]
+            if field.default is not dataclasses.MISSING and not given:
+                assert getattr(parsed, field.name) == field.default, field.name
+
+
+@pytest.mark.parametrize("epochs_and_sharding", [{"epochs": 2}, {"epochs": None, "node_sharding": "chunks"}])
+def test_every_recipe_key_is_read(epochs_and_sharding):
+    """Each Recipe field given in a recipe, set away from its default, comes through the parser unchanged."""
+    given = {
+        "batch_size": 7, "producers": 3, "slots": 5, "seed": 9, "skip_batches": 1, "max_batches": 4,
+        "chunk_bytes": 4096, "on_bad_record": "fail", "max_record_bytes": 100, "on_long_record": "truncate",
+        "max_restarts": 1, "world_size": 2, "nnodes": 2, "node_rank": 1, "node_sharding": "batches",
+        "shuffle": {"buffer": 3}, "stopping_strategy": "all_exhausted", "tokenizer_engine": "tokenizers",
+        **epochs_and_sharding,
+    }
+    recipe = parse_recipe({**with_changes(), **given})
+    assert set(given) | set(BASE) - {"source"} | {"sources"} == {f.name for f in dataclasses.fields(ringload.Recipe)}
+    assert {key: getattr(recipe, key) for key in given} == given
 
 
 def test_paths_resolve_relative_to_the_recipe_file(tmp_path, monkeypatch):

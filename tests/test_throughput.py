@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import assert_same_stream, drain, make_texts
+from fetch_assets import fetch
 
 import ringload
 from ringload._recipe import parse_recipe
 from ringload._stream import read_stream
 from ringload._types import ResumePoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from fetch_assets import fetch  # noqa: E402
 
 CHUNK = 16384
 

@@ -72,8 +72,6 @@ def check_task_options(task: dict[str, Any], origin: str) -> dict[str, Any]:
         if role not in TokenizerInfo.ROLES or not isinstance(token, str):
             raise RecipeError(f"{origin}: task.special_tokens: {role!r}: {token!r} must map one of "
                               f"{', '.join(TokenizerInfo.ROLES)} to a token string")
-    if isinstance(checked.get("labels"), list) and not all(isinstance(n, (str, int)) for n in checked["labels"]):
-        raise RecipeError(f"{origin}: task.labels: must be a list of label names")
     cls.check_options(checked, origin)
     return checked
 

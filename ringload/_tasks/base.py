@@ -131,7 +131,7 @@ class TokenizerInfo:
         starts = []
         for e in encodings:
             words = e.word_ids
-            starts.append([True] + [a != b for a, b in zip(words[1:], words)] if words else [])
+            starts.append([True] + [a != b for a, b in zip(words[1:], words, strict=False)] if words else [])
         return [e.ids for e in encodings], starts
 
 
@@ -472,7 +472,7 @@ class Task(ABC):
         self.batch_size = batch_size
         self.seed = seed
 
-    @classmethod
+    @classmethod  # noqa: B027 - an optional hook: a no-op unless a task has impossible option values
     def check_options(cls, options: dict[str, Any], origin: str) -> None:
         """Reject impossible option values with a RecipeError naming the option (types are checked already)."""
 

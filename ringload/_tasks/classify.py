@@ -88,7 +88,8 @@ class Classify(Task):
             texts = records.texts[begin:min(full, begin + step)]
             if records.pairs is not None:
                 pairs = records.pairs[begin:begin + len(texts)]
-                inputs: list[Any] = [self.tok.head_of_pair(a, b, self.seq_len) for a, b in zip(texts, pairs)]
+                inputs: list[Any] = [self.tok.head_of_pair(a, b, self.seq_len)
+                                     for a, b in zip(texts, pairs, strict=True)]
             else:
                 inputs = [self.tok.head(t, self.seq_len) for t in texts]
             encodings = self.encoder.encode_batch_fast(inputs, add_special_tokens=True)

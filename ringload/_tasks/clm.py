@@ -11,8 +11,8 @@ from .._layout import Field
 from .._types import Records
 from .base import (
     PACKING_OPTIONS,
-    Packer,
     PackedRows,
+    Packer,
     PendingBatch,
     Task,
     TokenizerInfo,

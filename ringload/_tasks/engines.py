@@ -255,7 +255,7 @@ def _added_tokens(config: dict[str, Any]) -> dict[str, int]:
         if rules:
             raise NotExact(f"added token {token['content']!r} has {', '.join(rules)}")
     contents = sorted(token["content"] for token in added)
-    for shorter, longer in zip(contents, contents[1:]):
+    for shorter, longer in zip(contents, contents[1:], strict=False):
         if longer.startswith(shorter):
             raise NotExact(f"added token {shorter!r} is a prefix of {longer!r}")
     return {token["content"]: token["id"] for token in added}
@@ -328,6 +328,6 @@ def _check_self_encoding(vocab: dict[str, int], merges: list[tuple[str, str]], r
     """NotExact unless HF's merges encode every merge result, alone, to itself (see the module docstring)."""
     bare = Tokenizer(models.BPE(vocab, merges))  # merges only: no ignore_merges shortcut, no pre-tokenizer
     built = [token for token in ranks if token not in byte_of]
-    for token, encoding in zip(built, bare.encode_batch_fast(built, add_special_tokens=False)):
+    for token, encoding in zip(built, bare.encode_batch_fast(built, add_special_tokens=False), strict=True):
         if encoding.ids != [ranks[token]]:
             raise NotExact(f"token {token!r} (id {ranks[token]}) encodes to {encoding.ids} under its own merges")

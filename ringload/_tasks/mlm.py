@@ -13,8 +13,8 @@ from .._types import Records
 from .base import (
     PACKING_OPTIONS,
     TOKENIZE_PIECE,
-    Packer,
     PackedRows,
+    Packer,
     PendingBatch,
     Task,
     TokenizerInfo,

@@ -17,8 +17,8 @@ descriptor count equal to the first sample's. Exit code 1 on any bad batch or dr
 Every shared object (the ring and its semaphores) is removed at the end, also after Ctrl-C,
 SIGTERM or a failure. Run from the repository root (10-20 s on 2 cores)::
 
-    python scripts/soak.py                          # 1,000,000 batches, 2 lanes x 4 slots, 4 x 16 int32
-    python scripts/soak.py --batches 200000 --sample-every 20000
+    python -m tests.engines.soak                    # 1,000,000 batches, 2 lanes x 4 slots, 4 x 16 int32
+    python -m tests.engines.soak --batches 200000 --sample-every 20000
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ with ``tokenizers``) unless ``--real``: the KJV verses and the bert-base-uncased
 
 Run from the repository root::
 
-    python scripts/faults.py                       # 20 trials per scenario (about 3 minutes on 2 cores)
-    python scripts/faults.py --trials 5 --json faults.json
-    python scripts/faults.py --real --trials 3 --scenarios producer,daemon
+    python -m tests.engines.faults                 # 20 trials per scenario (about 3 minutes on 2 cores)
+    python -m tests.engines.faults --trials 5 --json faults.json
+    python -m tests.engines.faults --real --trials 3 --scenarios producer,daemon
 
 Exit code 1 if any batch mismatched or any check failed (the failures are listed under the table).
 """
@@ -66,7 +66,6 @@ import ringload
 from ringload._housekeeping import remove_ring, ring_owner
 from ringload._names import list_ring_names, list_semaphore_rings, pid_alive
 
-SCRIPTS = Path(__file__).resolve().parent
 VOCABULARY = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
     "you were her she there been one all we their has would when if so what no out up into more about said time "
@@ -168,8 +167,7 @@ def generate_corpus(workdir: Path, examples: int) -> dict[str, Any]:
 
 def real_corpus() -> dict[str, Any]:
     """The KJV verses and the bert-base-uncased WordPiece, fetched (and verified) on first use."""
-    sys.path.insert(0, str(SCRIPTS))
-    from fetch_assets import fetch
+    from scripts.fetch_assets import fetch  # run from the repository root, which holds scripts/
 
     return {"source": {"paths": [str(fetch("kjv") / "kjv.jsonl")], "format": "jsonl", "field": "text"},
             "tokenizer": str(fetch("bert-wordpiece") / "tokenizer.json"),
