@@ -32,10 +32,13 @@ _HOMES = {
     "Recipe": "_recipe",
     "load_recipe": "_recipe",
     "parse_recipe": "_recipe",
+    "outputs_with_ids": "_ids",
+    "record_ids": "_ids",
     "list_rings": "_status",
     "ring_status": "_status",
     "CausalLM": "_tasks",
     "Classify": "_tasks",
+    "Encode": "_tasks",
     "MaskedLM": "_tasks",
     "MultiLabel": "_tasks",
     "PendingBatch": "_tasks",
@@ -65,7 +68,8 @@ if TYPE_CHECKING:
     from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RecipeError, RingError, RingloadError
     from ._flatten import flatten_packed
     from ._handle import RingHandle, start
+    from ._ids import outputs_with_ids, record_ids
     from ._layout import Field
     from ._recipe import Recipe, load_recipe, parse_recipe
     from ._status import list_rings, ring_status
-    from ._tasks import CausalLM, Classify, MaskedLM, MultiLabel, PendingBatch, Task, TokenizerInfo
+    from ._tasks import CausalLM, Classify, Encode, MaskedLM, MultiLabel, PendingBatch, Task, TokenizerInfo

@@ -188,7 +188,9 @@ def _render_status(s: dict) -> str:
     lines += [f"rank {c['rank']}: consumer {c['pid'] or '-'}  next chunk {c['chunk']} batch {c['index']}  "
               f"delivered {c['delivered']}" for c in s["consumers"]]
     shares = [template.format(s["packing"][key]) for key, template in
-              (("padding_ratio", "padding {:.2%} of row tokens"), ("truncation_ratio", "{:.2%} of documents cut across rows"))
+              (("padding_ratio", "padding {:.2%} of row tokens"),
+               ("trimmed_padding_ratio", "{:.2%} once trimmed to the longest row"),
+               ("truncation_ratio", "{:.2%} of documents cut across rows"))
               if s["packing"][key] is not None]
     if shares:
         lines.append("  ".join(shares))

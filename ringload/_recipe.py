@@ -24,6 +24,7 @@ MAX_CHUNK_SCALE = 16
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted")
 NODE_SHARDING = ("batches", "chunks", "files")
 LONG_RECORD_POLICIES = ("skip", "truncate", "fail")
+MODES = ("train", "eval")
 ASSETS_ENV = "RINGLOAD_ASSETS"
 _HOOK = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
@@ -74,6 +75,15 @@ class Recipe:
     shuffle: dict[str, int] | None = None  # {buffer: N}: shuffle records in windows of N, files per epoch
     stopping_strategy: str = "first_exhausted"  # several sources: an epoch ends when the first / every one runs out
     tokenizer_engine: str = "auto"  # what encodes token ids: auto, tokenizers or tiktoken (_tasks.engines)
+    mode: str = "train"  # eval: a complete pass, every record in one row of one rank (_complete)
+    id_field: str | None = None  # eval: the records' field whose value each row carries as its id (_id)
+    id_bytes: int = 64  # eval: room for an id's UTF-8 bytes in a row
+    bucket_window: int = 0  # eval: sort rows by token length within windows of this many records (0: off)
+
+    @property
+    def complete_pass(self) -> bool:
+        """Every record is kept, in exactly one row of one rank (``mode: eval``, see ``_complete``)."""
+        return self.mode == "eval"
 
     @property
     def shuffle_buffer(self) -> int:
@@ -95,8 +105,8 @@ class Recipe:
 
     @property
     def dealing(self) -> Dealing:
-        """How this node's chunks are dealt to ranks (``_types.Dealing``)."""
-        return Dealing(self.dealt_ranks, self.first_dealt_rank)
+        """How this node's chunks are dealt to ranks (``_types.Dealing``); a complete pass pads chunks."""
+        return Dealing(self.dealt_ranks, self.first_dealt_rank, self.complete_pass)
 
     @property
     def chunk_size(self) -> int:
@@ -187,7 +197,8 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         producers=_typed(data, "producers", int, 2, origin),
         slots=_typed(data, "slots", int, None, origin),
         seed=_typed(data, "seed", int, 0, origin),
-        epochs=_typed(data, "epochs", int, None, origin),
+        # A complete pass ends: one epoch unless the recipe asks for more.
+        epochs=_typed(data, "epochs", int, 1 if data.get("mode") == "eval" else None, origin),
         skip_batches=_typed(data, "skip_batches", int, 0, origin),
         max_batches=_typed(data, "max_batches", int, None, origin),
         chunk_bytes=_typed(data, "chunk_bytes", int, None, origin),
@@ -201,6 +212,10 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         node_sharding=_typed(data, "node_sharding", str, "batches", origin),
         shuffle=_shuffle(data.get("shuffle"), origin),
         tokenizer_engine=_typed(data, "tokenizer_engine", str, "auto", origin),
+        mode=_typed(data, "mode", str, "train", origin),
+        id_field=_typed(data, "id_field", str, None, origin),
+        id_bytes=_typed(data, "id_bytes", int, 64, origin),
+        bucket_window=_typed(data, "bucket_window", int, 0, origin),
     )
     checks = [
         (recipe.batch_size >= 1, "batch_size", "must be at least 1"),
@@ -231,6 +246,9 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
     for ok, key, why in checks:
         if not ok:
             raise fail(key, f"{why}, got {getattr(recipe, key)!r}")
+    from ._complete import check_complete_pass
+
+    check_complete_pass(recipe, origin)
     return recipe
 
 
