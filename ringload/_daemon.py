@@ -104,7 +104,7 @@ def geometry_for(recipe: Recipe, task: Task) -> Geometry:
     fields = batch_fields(recipe, task)
     ranks, per_chunk = recipe.dealt_ranks, batches_per_chunk(recipe, fields)
     cut = (ranks - 1) / 2 / max(per_chunk, 1)  # on average half a group of one batch per rank
-    if cut > 0.03:
+    if cut > 0.03 and not recipe.complete_pass:  # a complete pass pads instead of dropping (_complete)
         log.warning("chunks of %d bytes give about %.0f batches each, cut to a multiple of %d ranks: about %.0f%% "
                     "of batches dropped; set chunk_bytes to %d or more to drop under 3%%", recipe.chunk_size,
                     per_chunk, ranks, 100 * cut, int(recipe.chunk_size * cut / 0.03))
