@@ -34,6 +34,18 @@ def finished_packing(name: str, timeout: float = 30.0) -> dict:
     return status["packing"]
 
 
+def through_model(model, loader: ringload.Loader) -> tuple[int, int]:  # noqa: ANN001 - a transformers model
+    """Run every batch through the model; (records, token positions processed). The batches live only in
+    this frame, so none is still held when the loader closes."""
+    records = positions = 0
+    for batch in loader:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              token_type_ids=batch.get("token_type_ids"))
+        records += int(batch["_valid"].sum())
+        positions += batch["input_ids"].numel()
+    return records, positions
+
+
 def run(recipe: ringload.Recipe, window: int) -> dict:
     """One complete pass with ``bucket_window: window``, through the model: counts, time and padding."""
     import torch
@@ -41,15 +53,10 @@ def run(recipe: ringload.Recipe, window: int) -> dict:
     torch.set_num_threads(1)
     model = encoder(ringload.TokenizerInfo(recipe.tokenizer).vocab_size, recipe.task["seq_len"])
     name = f"bucketing-{window}"
-    records = positions = 0
     with ringload.start(recipe.replace(bucket_window=window), name=name):
         with torch.no_grad(), ringload.connect(name, meta=True, trim=True, timeout=120) as loader:
             started = time.perf_counter()
-            for batch in loader:
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      token_type_ids=batch.get("token_type_ids"))
-                records += int(batch["_valid"].sum())
-                positions += batch["input_ids"].numel()
+            records, positions = through_model(model, loader)
             elapsed = time.perf_counter() - started
         packing = finished_packing(name)
     return {"window": window, "records": records, "positions": positions, "seconds": elapsed, **packing}

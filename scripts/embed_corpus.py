@@ -48,20 +48,26 @@ def embed_rank(name: str, rank: int, vocab: int, seq_len: int, out: str) -> None
 
     torch.set_num_threads(1)  # one core per rank; the producers tokenize on the others
     model = encoder(vocab, seq_len)
-    ids, vectors, batches = [], [], 0
+    ids, vectors = [], []
     with torch.no_grad(), ringload.connect(name, rank=rank, meta=True, trim=True, timeout=120) as loader:
-        for batch in loader:
-            mask = batch["attention_mask"]
-            hidden = model(input_ids=batch["input_ids"], attention_mask=mask,
-                           token_type_ids=batch.get("token_type_ids")).last_hidden_state
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # padding rows pool nothing
-            for record_id, vector in ringload.outputs_with_ids(batch, pooled):
-                ids.append(record_id)
-                vectors.append(vector.numpy())
-            batches += 1
+        for record_id, vector in embedded(model, loader):
+            ids.append(record_id)
+            vectors.append(vector.numpy())
+        batches = loader.delivered
     np.save(Path(out) / f"part-{rank}.npy", np.stack(vectors) if vectors else np.zeros((0, 64), np.float32))
     (Path(out) / f"part-{rank}.ids.json").write_text(json.dumps({"ids": ids, "batches": batches}))
+
+
+def embedded(model, loader: ringload.Loader):  # noqa: ANN001, ANN201 - a transformers model; yields (id, tensor)
+    """(id, mean-pooled hidden state) of every valid row of the loader's batches. The batches (views of
+    the ring) live only in this generator's frame, so none is still held when the loader closes."""
+    for batch in loader:
+        mask = batch["attention_mask"]
+        hidden = model(input_ids=batch["input_ids"], attention_mask=mask,
+                       token_type_ids=batch.get("token_type_ids")).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # padding rows pool nothing
+        yield from ringload.outputs_with_ids(batch, pooled)
 
 
 def source_ids(recipe: ringload.Recipe) -> list[str]:
