@@ -32,10 +32,13 @@ _HOMES = {
     "Recipe": "_recipe",
     "load_recipe": "_recipe",
     "parse_recipe": "_recipe",
+    "outputs_with_ids": "_ids",
+    "record_ids": "_ids",
     "list_rings": "_status",
     "ring_status": "_status",
     "CausalLM": "_tasks",
     "Classify": "_tasks",
+    "Encode": "_tasks",
     "MaskedLM": "_tasks",
     "MultiLabel": "_tasks",
     "PendingBatch": "_tasks",
@@ -73,12 +76,14 @@ if TYPE_CHECKING:
     )
     from ._flatten import flatten_packed as flatten_packed
     from ._handle import RingHandle as RingHandle, start as start
+    from ._ids import outputs_with_ids as outputs_with_ids, record_ids as record_ids
     from ._layout import Field as Field
     from ._recipe import Recipe as Recipe, load_recipe as load_recipe, parse_recipe as parse_recipe
     from ._status import list_rings as list_rings, ring_status as ring_status
     from ._tasks import (
         CausalLM as CausalLM,
         Classify as Classify,
+        Encode as Encode,
         MaskedLM as MaskedLM,
         MultiLabel as MultiLabel,
         PendingBatch as PendingBatch,

@@ -194,6 +194,7 @@ def _render_status(s: dict) -> str:
               f"delivered {c['delivered']}" for c in s["consumers"]]
     shares = [template.format(s["packing"][key]) for key, template in
               (("padding_ratio", "padding {:.2%} of row tokens"),
+               ("trimmed_padding_ratio", "{:.2%} once trimmed to the longest row"),
                ("truncation_ratio", "{:.2%} of documents cut across rows"))
               if s["packing"][key] is not None]
     if shares:

@@ -87,7 +87,9 @@ class Loader:
         self._handed = [f.name for f in fields if meta or not f.name.startswith("_")]
         seq_len = fields[0].shape[1] if len(fields[0].shape) > 1 else 0
         has_lengths = any(f.name == "_lengths" for f in fields)
-        self._trimmed = [f.name for f in fields if trim and has_lengths and len(f.shape) == 2 and f.shape[1] == seq_len]
+        # Token columns only: a bookkeeping field (a complete pass's _id) may have as many columns by chance.
+        self._trimmed = [f.name for f in fields if trim and has_lengths and len(f.shape) == 2 and f.shape[1] == seq_len
+                         and not f.name.startswith("_")]
         self._viewed = frozenset(self._handed + (["_lengths"] if self._trimmed else []))
         first_slot = ring.slot_buffer(0, 0).ctypes.data
         self._slot_bytes = (first_slot, first_slot + ring.geometry.lanes * self._slots * ring.slot_size)
@@ -226,7 +228,7 @@ class Loader:
         from_numpy = self._torch.from_numpy
         batch = {k: from_numpy(arrays[k]) for k in self._handed}
         if self._trimmed:
-            longest = int(arrays["_lengths"].max())
+            longest = max(1, int(arrays["_lengths"].max()))  # a complete pass's padding batch keeps one column
             for k in self._trimmed:
                 batch[k] = batch[k][:, :longest]
         return buffer, batch

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from ._complete import batch_fields, build_recipe_task
 from ._errors import ProducerFailed, RecipeError, RingError
 from ._failures import forget_failure, record_failure
 from ._housekeeping import reclaim_if_dead, remove_ring
@@ -54,7 +55,7 @@ from ._recipe import Recipe
 from ._resume import check_state, stream_identity
 from ._sources import Chunk, Hooks, bad_record_stop, expand_paths, parse_records, record_origin
 from ._stream import read_stream
-from ._tasks import Task, build_task
+from ._tasks import Task
 from ._types import ResumePoint
 
 HEARTBEAT_S = 0.25
@@ -100,10 +101,10 @@ def default_slots(recipe: Recipe, fields: list[Field]) -> int:
 
 
 def geometry_for(recipe: Recipe, task: Task) -> Geometry:
-    fields = task.fields()
+    fields = batch_fields(recipe, task)
     ranks, per_chunk = recipe.dealt_ranks, batches_per_chunk(recipe, fields)
     cut = (ranks - 1) / 2 / max(per_chunk, 1)  # on average half a group of one batch per rank
-    if cut > 0.03:
+    if cut > 0.03 and not recipe.complete_pass:  # a complete pass pads instead of dropping (_complete)
         log.warning("chunks of %d bytes give about %.0f batches each, cut to a multiple of %d ranks: about %.0f%% "
                     "of batches dropped; set chunk_bytes to %d or more to drop under 3%%", recipe.chunk_size,
                     per_chunk, ranks, 100 * cut, int(recipe.chunk_size * cut / 0.03))
@@ -156,8 +157,7 @@ class Daemon:
         for slot in self.producers:
             self._spawn(slot)
         try:
-            self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed,
-                                   self.recipe.tokenizer_engine)
+            self.task = build_recipe_task(self.recipe)
             geometry = geometry_for(self.recipe, self.task)
             # The engine the producers encode with (they make the same choice from the same files).
             header_recipe = {"recipe": self.recipe.to_dict(), "files": files, "dealing": self.recipe.dealing.to_dict(),
@@ -256,7 +256,7 @@ class Daemon:
         path, numbered = record_origin(head, self.files, bool(recipe.shuffle))
         try:
             records, bad = parse_records(numbered, source, path, self.task.convert_label, Hooks(),
-                                         recipe.max_record_bytes, recipe.on_long_record)
+                                         recipe.max_record_bytes, recipe.on_long_record, recipe.id_field)
         except ValueError as exc:
             return str(exc)
         if bad and recipe.on_bad_record == "fail":

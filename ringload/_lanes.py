@@ -31,7 +31,8 @@ same line)::
     line 2  producer:  batches | examples | tokens | bad_records | tokens_dropped | chunks | current_chunk
                        | labels_unknown
     line 3  daemon:    pid | restarts | exitcode;  producer: examples_dropped | documents_cut
-                       | records_truncated
+                       | records_truncated | rows_padded | trimmed_positions (complete passes:
+                       padding rows, and rows x longest row summed over batches)
     line 4  producer:  work_ns | wait_chunk_ns | wait_slot_ns (where its time went, cumulative)
                        | chunk_started_ns (wall clock) | chunk_bytes (of the current chunk)
                        | stage (which of the first three words the time since stage_since_ns
@@ -100,6 +101,8 @@ class LaneWord:
     EXAMPLES_DROPPED = 27
     DOCUMENTS_CUT = 28
     RECORDS_TRUNCATED = 29
+    ROWS_PADDED = 30
+    TRIMMED_POSITIONS = 31
     WORK_NS = 32
     WAIT_CHUNK_NS = 33
     WAIT_SLOT_NS = 34
@@ -120,6 +123,8 @@ STAT_WORDS = {
     "labels_unknown": LaneWord.LABELS_UNKNOWN,
     "documents_cut": LaneWord.DOCUMENTS_CUT,
     "records_truncated": LaneWord.RECORDS_TRUNCATED,
+    "rows_padded": LaneWord.ROWS_PADDED,
+    "trimmed_positions": LaneWord.TRIMMED_POSITIONS,
     "chunks": LaneWord.CHUNKS,
 }
 

@@ -126,13 +126,12 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(recipe: dict[str, Any], files: list[list[str]]) -> None:
+    from ._complete import build_recipe_task
     from ._recipe import parse_recipe
-    from ._tasks import build_task
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     parsed = parse_recipe(recipe)
-    _worker.update(recipe=parsed, files=files,
-                   task=build_task(parsed.task, parsed.tokenizer, parsed.batch_size, parsed.seed),
+    _worker.update(recipe=parsed, files=files, task=build_recipe_task(parsed, engine="auto"),
                    hooks=[Hooks.load(source) for source in parsed.sources])
 
 
@@ -140,7 +139,7 @@ def _count_chunk(chunk: Chunk) -> tuple[int, int]:
     """(epoch, number of batches) of one chunk, shaped by the task exactly as a producer shapes it."""
     recipe, task = _worker["recipe"], _worker["task"]
     records, bad = parse_records(chunk, recipe.sources[chunk.source], _worker["files"][chunk.source][chunk.file_index],
-                                 task.convert_label, _worker["hooks"][chunk.source])
+                                 task.convert_label, _worker["hooks"][chunk.source], id_field=recipe.id_field)
     if bad and recipe.on_bad_record == "fail":
         raise ValueError(f"bad record at {bad[0]} (set on_bad_record: skip in the recipe to skip such records)")
     return chunk.epoch, sum(1 for _ in task.batches(records, chunk.id))

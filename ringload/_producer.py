@@ -38,13 +38,14 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ._complete import build_recipe_task, complete_batches
 from ._errors import RingError
 from ._lanes import LaneWord, LaneWriter, Semaphores
 from ._layout import Ring, State, Word
 from ._log import log_to_stderr
 from ._recipe import parse_recipe
 from ._sources import BadRecord, Chunk, Hooks, bad_record_stop, parse_records, record_origin
-from ._tasks import PendingBatch, build_task
+from ._tasks import PendingBatch
 from ._types import Cursor
 
 CHUNK_HEADER = struct.Struct(f"<{1 + Cursor.WORDS + 1}q")  # id | cursor | skip
@@ -73,8 +74,7 @@ class Producer:
     def __init__(self, ring_name: str, lane: int, conn: Connection, recipe: dict[str, Any], files: list[list[str]]):
         self.lane, self.conn, self.files = lane, conn, files
         self.recipe = parse_recipe(recipe)
-        self.task = build_task(self.recipe.task, self.recipe.tokenizer, self.recipe.batch_size, self.recipe.seed,
-                               self.recipe.tokenizer_engine)
+        self.task = build_recipe_task(self.recipe)
         self.hooks = [Hooks.load(source) for source in self.recipe.sources]
         self.daemon_pid = os.getppid()
         self.ring, self.sems = _attach_when_created(ring_name, self.daemon_pid)
@@ -143,7 +143,7 @@ class Producer:
         unknown_before = self.task.labels_unknown
         records, bad = parse_records(numbered, self.recipe.sources[chunk.source], path, self.task.convert_label,
                                      self.hooks[chunk.source], self.recipe.max_record_bytes,
-                                     self.recipe.on_long_record)
+                                     self.recipe.on_long_record, self.recipe.id_field)
         if bad:
             self._report_bad(bad)
         if records.truncated:
@@ -154,7 +154,10 @@ class Producer:
         # Batches go out a group of one per global rank at a time; a group is published once the
         # next one is known to be complete or not, which says whether it is the chunk's last.
         every = self.dealing.ranks
-        ahead = _Ahead(self.task.batches(records, chunk.id), self.lookahead)
+        batches = self.task.batches(records, chunk.id)
+        if self.recipe.complete_pass:  # every record kept, stamped with its id; padding batches even the ranks
+            batches = complete_batches(self.task, batches, records, chunk.source, chunk.file_index, path, self.dealing)
+        ahead = _Ahead(batches, self.lookahead)
         index = records_kept = 0
         while True:
             ahead.fill(2 * every)
@@ -204,6 +207,9 @@ class Producer:
         writer.publish(seq, chunk.id, index, batch.rows, last, chunk.cursor, batch.records_done, batch.tokens)
         self._add(LaneWord.BATCHES, 1)
         self._add(LaneWord.TOKENS, batch.tokens)
+        if batch.records is not None:  # a complete pass: its padding, before and after trimming
+            self._add(LaneWord.ROWS_PADDED, batch.rows - len(batch.records))
+            self._add(LaneWord.TRIMMED_POSITIONS, batch.rows * batch.width)
 
     def _report_bad(self, bad: list[BadRecord]) -> None:
         self._add(LaneWord.BAD_RECORDS, len(bad))

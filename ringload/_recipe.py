@@ -25,6 +25,7 @@ STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted")
 NODE_SHARDING = ("batches", "chunks", "files")
 LONG_RECORD_POLICIES = ("skip", "truncate", "fail")
 MAX_TIMEOUT_S = 3600  # an HTTP source's seconds without data before it reconnects
+MODES = ("train", "eval")
 ASSETS_ENV = "RINGLOAD_ASSETS"
 _HOOK = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
@@ -75,6 +76,15 @@ class Recipe:
     shuffle: dict[str, int] | None = None  # {buffer: N}: shuffle records in windows of N, files per epoch
     stopping_strategy: str = "first_exhausted"  # several sources: an epoch ends when the first / every one runs out
     tokenizer_engine: str = "auto"  # what encodes token ids: auto, tokenizers or tiktoken (_tasks.engines)
+    mode: str = "train"  # eval: a complete pass, every record in one row of one rank (_complete)
+    id_field: str | None = None  # eval: the records' field whose value each row carries as its id (_id)
+    id_bytes: int = 64  # eval: room for an id's UTF-8 bytes in a row
+    bucket_window: int = 0  # eval: sort rows by token length within windows of this many records (0: off)
+
+    @property
+    def complete_pass(self) -> bool:
+        """Every record is kept, in exactly one row of one rank (``mode: eval``, see ``_complete``)."""
+        return self.mode == "eval"
 
     @property
     def shuffle_buffer(self) -> int:
@@ -96,8 +106,8 @@ class Recipe:
 
     @property
     def dealing(self) -> Dealing:
-        """How this node's chunks are dealt to ranks (``_types.Dealing``)."""
-        return Dealing(self.dealt_ranks, self.first_dealt_rank)
+        """How this node's chunks are dealt to ranks (``_types.Dealing``); a complete pass pads chunks."""
+        return Dealing(self.dealt_ranks, self.first_dealt_rank, self.complete_pass)
 
     @property
     def chunk_size(self) -> int:
@@ -135,7 +145,8 @@ _RECIPE_SCALARS: dict[str, type] = {
     "batch_size": int, "producers": int, "slots": int, "seed": int, "epochs": int, "skip_batches": int,
     "max_batches": int, "chunk_bytes": int, "on_bad_record": str, "max_record_bytes": int, "on_long_record": str,
     "max_restarts": int, "world_size": int, "nnodes": int, "node_rank": int, "node_sharding": str,
-    "stopping_strategy": str, "tokenizer_engine": str,
+    "stopping_strategy": str, "tokenizer_engine": str, "mode": str, "id_field": str, "id_bytes": int,
+    "bucket_window": int,
 }
 
 
@@ -190,13 +201,15 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
     if not isinstance(tokenizer, str) or not tokenizer:
         raise fail("tokenizer", "must be the path of a HuggingFace tokenizer.json")
 
+    # A complete pass (mode: eval) ends: one epoch unless the recipe asks for more.
+    defaults = {**_RECIPE_DEFAULTS, "epochs": 1 if data.get("mode") == "eval" else _RECIPE_DEFAULTS["epochs"]}
     recipe = Recipe(
         name=name,
         sources=sources,
         tokenizer=_resolve(tokenizer, base_dir),
         task=task,
         shuffle=_shuffle(data.get("shuffle"), origin),
-        **{key: _typed(data, key, kind, _RECIPE_DEFAULTS[key], origin) for key, kind in _RECIPE_SCALARS.items()},
+        **{key: _typed(data, key, kind, defaults[key], origin) for key, kind in _RECIPE_SCALARS.items()},
     )
     checks = [
         (recipe.stopping_strategy in STOPPING_STRATEGIES, "stopping_strategy",
@@ -232,6 +245,9 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
     for ok, key, why in checks:
         if not ok:
             raise fail(key, f"{why}, got {getattr(recipe, key)!r}")
+    from ._complete import check_complete_pass
+
+    check_complete_pass(recipe, origin)
     return recipe
 
 

@@ -362,7 +362,7 @@ def import_hook(spec: str | None, key: str) -> Callable[..., Any] | None:
 
 def parse_records(chunk: Chunk, source: Source, path: str, convert_label: Callable[[Any], Any] | None = None,
                   hooks: Hooks = Hooks(), max_record_bytes: int | None = None,
-                  on_long_record: str = "skip") -> tuple[Records, list[BadRecord]]:
+                  on_long_record: str = "skip", id_field: str | None = None) -> tuple[Records, list[BadRecord]]:
     """Split a chunk into examples; records that cannot be read become ``BadRecord``s.
 
     ``hooks`` filter and rewrite each raw record (a dict) first. ``convert_label`` (from the task)
@@ -370,6 +370,8 @@ def parse_records(chunk: Chunk, source: Source, path: str, convert_label: Callab
     which makes the record bad. A record (line, paragraph or csv row as stored) longer than
     ``max_record_bytes`` is bad (``on_long_record: skip``) or raises ``ValueError`` (``fail``);
     under ``truncate`` its texts are cut to that many bytes and it is listed in ``truncated``.
+    ``id_field`` names the field whose value (a string or a number) is each record's id; a record
+    without one is bad.
     """
     limit = max_record_bytes if on_long_record != "truncate" else None
     if source.format in ("csv", "tsv"):
@@ -379,7 +381,8 @@ def parse_records(chunk: Chunk, source: Source, path: str, convert_label: Callab
     if hooks.keep or hooks.change:
         rows = _hooked(rows, hooks)
     wants_pair, wants_label = source.pair_field is not None, source.label_field is not None
-    records = Records(pairs=[] if wants_pair else None, labels=[] if wants_label else None)
+    records = Records(pairs=[] if wants_pair else None, labels=[] if wants_label else None,
+                      ids=[] if id_field is not None else None)
     cut_at = max_record_bytes if on_long_record == "truncate" else None
     bad: list[BadRecord] = []
     for number, row in rows:
@@ -402,6 +405,8 @@ def parse_records(chunk: Chunk, source: Source, path: str, convert_label: Callab
                     raise ValueError(f"label field {source.label_field!r} is missing")
                 label = row[source.label_field]
                 label = convert_label(label) if convert_label else label
+            if id_field is not None:
+                record_id = _id_of(row, id_field)
         except ValueError as exc:
             bad.append(BadRecord(path, number, str(exc)))
             continue
@@ -410,6 +415,9 @@ def parse_records(chunk: Chunk, source: Source, path: str, convert_label: Callab
             if note:
                 records.truncated.append(BadRecord(path, number, note))
         records.texts.append(text)
+        records.lines.append(number)
+        if id_field is not None:
+            records.ids.append(record_id)
         if wants_pair:
             records.pairs.append(pair)
         if wants_label:
@@ -450,6 +458,14 @@ def _hooked(rows: Iterator[tuple[int, Any]], hooks: Hooks) -> Iterator[tuple[int
             except Exception as exc:  # user code: its failure makes this record bad, not the run
                 row = f"a source hook raised {type(exc).__name__}: {exc}"
         yield number, row
+
+
+def _id_of(row: dict[str, Any], key: str) -> str:
+    """A record's id: its ``key`` field, a string or an integer, as text."""
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise ValueError(f"id field {key!r} is missing or not a string or an integer (got {value!r})")
+    return str(value)
 
 
 def _text_of(row: dict[str, Any], key: str) -> str:

@@ -171,14 +171,21 @@ def _bottleneck(producers: dict[str, float | None], consumers_wait: list[float])
 
 def _packing(producers: list[dict[str, Any]], g: Any) -> dict[str, float | None]:
     """Shares over every producer: padding among the row tokens of the batches published, and
-    documents cut across rows (split or truncated) among the examples read; None before any."""
+    documents cut across rows (split or truncated) among the examples read; None before any. A
+    complete pass (``_complete``) adds the padding left once each batch is trimmed to its longest
+    row (``trim=True``; None for other streams) and its padding rows."""
     row_tokens = sum(p["batches"] for p in producers) * g.batch_size * (
         g.fields[0].shape[1] if len(g.fields[0].shape) > 1 else 1)
     examples = sum(p["examples"] for p in producers)
+    tokens, trimmed = sum(p["tokens"] for p in producers), sum(p["trimmed_positions"] for p in producers)
     return {
-        "padding_ratio": round(1 - sum(p["tokens"] for p in producers) / row_tokens, 4) if row_tokens else None,
+        "padding_ratio": round(1 - tokens / row_tokens, 4) if row_tokens else None,
+        "trimmed_padding_ratio": round(1 - tokens / trimmed, 4) if trimmed else None,
+        "rows_padded": sum(p["rows_padded"] for p in producers),
         "truncation_ratio": round(sum(p["documents_cut"] for p in producers) / examples, 4) if examples else None,
     }
+
+
 def _removed_snapshot(failure: dict[str, Any]) -> dict[str, Any]:
     return {"name": failure.get("name"), "state": "failed", "error": failure["error"], "removed": True,
             "daemon_pid": failure.get("daemon_pid"), "daemon_alive": False, "failed_at": failure.get("failed_at"),

@@ -17,7 +17,8 @@ Mixing (``sources:`` with ``weight``): the chunk with number ``pick`` within the
 source ``schedule[pick]``, a smooth weighted round-robin over the weights that never depends on
 the data, so each source's share of chunks follows its weight exactly. When the chosen source's
 lap runs out, ``stopping_strategy`` decides: ``first_exhausted`` ends the epoch;
-``all_exhausted`` starts that source's next lap, until every source has run out once.
+``all_exhausted`` starts that source's next lap, until every source has run out once. A complete
+pass (``mode: eval``) mixes nothing: it reads every source once, one after another.
 
 Resuming. A :class:`~ringload._types.ResumePoint` names the chunk of the last delivered batch (id, epoch, pick,
 source, batches of it delivered) and, per source, the start of the last chunk of that source in
@@ -73,14 +74,19 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
                     lap_state[1] = itertools.chain([head], lap_state[1])
             first_chunks(heads)
             first_chunks = None
-        schedule = weighted_schedule([s.weight for s in recipe.sources])
         pick = point.pick if point else 0
-        for _ in range(pick):
-            next(schedule)
+        if recipe.complete_pass:  # every source once, in turn: a complete pass has nothing to mix
+            schedule = _in_turn(exhausted, point.source if point else 0)
+        else:
+            schedule = weighted_schedule([s.weight for s in recipe.sources])
+            for _ in range(pick):
+                next(schedule)
         for j in schedule:
             chunk = next(laps[j][1], None)
             if chunk is None:
                 exhausted[j] = True
+                if recipe.complete_pass:
+                    continue  # on to the next source
                 if recipe.stopping_strategy == "first_exhausted" or all(exhausted):
                     break
                 laps[j][0] += 1
@@ -105,6 +111,13 @@ def weighted_schedule(weights: list[float]) -> Iterator[int]:
         chosen = max(range(len(weights)), key=credit.__getitem__)
         credit[chosen] -= total
         yield chosen
+
+
+def _in_turn(exhausted: list[bool], first: int) -> Iterator[int]:
+    """Sources ``first``, ``first + 1``, ... each picked until it is marked exhausted."""
+    for j in range(first, len(exhausted)):
+        while not exhausted[j]:
+            yield j
 
 
 def file_order(count: int, seed: int | None, *key: int) -> list[int]:

@@ -118,12 +118,14 @@ class ResumePoint:
 @dataclass(frozen=True)
 class Dealing:
     """How a chunk's batches are dealt to ranks (``_lanes`` explains why): its batches are cut to a
-    multiple of ``ranks``, batch ``i`` goes to dealt rank ``i % ranks``, and this node's local rank
-    ``r`` is dealt rank ``first + r``. So a local rank's batches of a chunk are indexes
-    ``first + r``, ``first + r + ranks``, ... and every rank gets as many of each chunk."""
+    multiple of ``ranks`` (``pads``, a complete pass: padded up to one, ``_complete``), batch ``i``
+    goes to dealt rank ``i % ranks``, and this node's local rank ``r`` is dealt rank ``first + r``.
+    So a local rank's batches of a chunk are indexes ``first + r``, ``first + r + ranks``, ... and
+    every rank gets as many of each chunk."""
 
     ranks: int = 1
     first: int = 0
+    pads: bool = False
 
     def first_index(self, local_rank: int) -> int:
         """The index of a local rank's first batch of every chunk."""
@@ -135,7 +137,11 @@ class Dealing:
 
     def per_rank(self, batches: int) -> int:
         """How many of a chunk's ``batches`` each rank gets."""
-        return batches // self.ranks
+        return -(-batches // self.ranks) if self.pads else batches // self.ranks
+
+    def padding(self, batches: int) -> int:
+        """Padding batches that follow a chunk's ``batches`` so that every rank gets as many."""
+        return -batches % self.ranks if self.pads else 0
 
     def delivered_through(self, index: int) -> int:
         """Batches of a chunk delivered by all ranks together once batch ``index`` has been (ranks move
@@ -147,7 +153,7 @@ class Dealing:
         return (chunk + 1, self.first + local_rank) if last_in_chunk else (chunk, index + self.ranks)
 
     def to_dict(self) -> dict[str, int]:
-        return {"ranks": self.ranks, "first": self.first}
+        return {"ranks": self.ranks, "first": self.first, "pads": self.pads}
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,8 @@ class Records:
     pairs: list[str] | None = None
     labels: list[Any] | None = None
     truncated: list[BadRecord] = field(default_factory=list)  # examples cut to max_record_bytes
+    lines: list[int] = field(default_factory=list)  # each record's 1-based line in its file (parquet: row + 1)
+    ids: list[str] | None = None  # each record's ``id_field`` value, as text (complete passes)
 
     def __len__(self) -> int:
         return len(self.texts)

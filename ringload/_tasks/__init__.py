@@ -22,12 +22,14 @@ from .._errors import RecipeError
 from .base import PendingBatch, Task, TokenizerInfo
 from .classify import Classify, MultiLabel
 from .clm import CausalLM
+from .encode import Encode
 from .mlm import MaskedLM
 
-TASKS: dict[str, type[Task]] = {"mlm": MaskedLM, "clm": CausalLM, "classify": Classify, "multilabel": MultiLabel}
+TASKS: dict[str, type[Task]] = {"mlm": MaskedLM, "clm": CausalLM, "classify": Classify, "multilabel": MultiLabel,
+                             "encode": Encode}
 
-__all__ = ["TASKS", "CausalLM", "Classify", "MaskedLM", "MultiLabel", "PendingBatch", "Task", "TokenizerInfo",
-           "build_task", "check_task_options", "task_class"]
+__all__ = ["TASKS", "CausalLM", "Classify", "Encode", "MaskedLM", "MultiLabel", "PendingBatch", "Task",
+           "TokenizerInfo", "build_task", "check_task_options", "task_class"]
 
 
 def task_class(type_name: str, origin: str = "recipe") -> type[Task]:

@@ -30,6 +30,10 @@ class PendingBatch:
     rows: int
     tokens: int  # real (non-padding) tokens
     records_done: int  # records of the chunk fully consumed once this batch is delivered
+    # Complete passes (``_complete``): the chunk's record in each row, in row order; rows after them
+    # are padding. None for the batches of a training stream.
+    records: np.ndarray | None = None
+    width: int = 0  # columns up to the batch's longest row (what ``connect(..., trim=True)`` keeps)
 
 
 class TokenizerInfo:
@@ -456,7 +460,7 @@ class Task(ABC):
 
     Subclasses set ``options`` (option name -> default; the recipe's ``task:`` keys) and implement
     ``fields`` and ``batches``. A recipe names a built-in task by ``type`` (mlm, clm, classify,
-    multilabel) or a custom one by ``module:Class``. Fields whose name starts with ``_`` are
+    multilabel, encode) or a custom one by ``module:Class``. Fields whose name starts with ``_`` are
     bookkeeping: the consumer hands them out only when asked (``connect(..., meta=True)``).
     """
 
@@ -465,6 +469,11 @@ class Task(ABC):
     documents_cut = 0  # documents the last ``batches`` call cut across rows, split or truncated
     examples_dropped = 0  # examples the last ``batches`` call could not place in a full batch
     labels_unknown = 0  # labels outside the recipe's label list, ignored so far (multilabel)
+    # Complete passes (recipe ``mode: eval``, set by ``_complete.build_recipe_task``): ``batches``
+    # keeps every record, one per row, the last batch partial, and sets each batch's ``records``;
+    # ``bucket_window`` > 0 sorts the rows of each window of that many records by token length.
+    keep_every_record = False
+    bucket_window = 0
 
     def __init__(self, options: dict[str, Any], tokenizer: TokenizerInfo, batch_size: int, seed: int):
         self.opts = options
@@ -475,6 +484,12 @@ class Task(ABC):
     @classmethod  # noqa: B027 - an optional hook: a no-op unless a task has impossible option values
     def check_options(cls, options: dict[str, Any], origin: str) -> None:
         """Reject impossible option values with a RecipeError naming the option (types are checked already)."""
+
+    @classmethod
+    def complete_pass_problem(cls, options: dict[str, Any], bucketing: bool) -> str | None:
+        """Why this task cannot serve a complete pass (``mode: eval``), with ``bucket_window`` if
+        ``bucketing``, or None if it can."""
+        return f"task {cls.__name__} keeps no record ids and drops partial batches"
 
     @classmethod
     def packs_documents(cls, options: dict[str, Any]) -> bool:

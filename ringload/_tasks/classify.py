@@ -78,11 +78,19 @@ class Classify(Task):
         return value
 
     def write_labels(self, out: np.ndarray, labels: list[Any]) -> None:
-        out[:] = labels
+        out[:len(labels)] = labels  # a complete pass's last batch may be partial
+
+    @classmethod
+    def complete_pass_problem(cls, options: dict[str, Any], bucketing: bool) -> str | None:
+        return None
 
     def batches(self, records: Records, chunk: int) -> Iterator[PendingBatch]:
-        full = len(records) - len(records) % self.batch_size  # the chunk's last partial batch is dropped
-        step = max(1, TOKENIZE_PIECE // self.batch_size) * self.batch_size
+        size = self.batch_size
+        # Training drops the chunk's last partial batch; a complete pass keeps it (padded by ``_complete``).
+        full = len(records) if self.keep_every_record else len(records) - len(records) % size
+        step = max(1, TOKENIZE_PIECE // size) * size
+        if self.bucket_window:
+            step = -(-self.bucket_window // size) * size  # a window of whole batches
         for begin in range(0, full, step):
             # Only the first seq_len tokens are kept: long records are tokenized as far as that needs.
             texts = records.texts[begin:min(full, begin + step)]
@@ -93,14 +101,26 @@ class Classify(Task):
             else:
                 inputs = [self.tok.head(t, self.seq_len) for t in texts]
             encodings = self.encoder.encode_batch_fast(inputs, add_special_tokens=True)
-            for start in range(0, len(encodings), self.batch_size):
-                rows = encodings[start:start + self.batch_size]
-                labels = records.labels[begin + start:begin + start + self.batch_size]
-                yield PendingBatch(self._writer(rows, labels), len(rows), sum(len(e.ids) for e in rows),
-                                   begin + start + len(rows))
+            order = np.arange(len(encodings))
+            # Shortest first; equal lengths keep record order, so the stream stays a function of the data.
+            if self.bucket_window:
+                order = np.argsort([len(e.ids) for e in encodings], kind="stable")
+            for start in range(0, len(encodings), size):
+                picked = order[start:start + size]
+                rows = [encodings[i] for i in picked]
+                done = begin + start + len(rows)
+                if self.bucket_window:  # a window's records are all done with its last batch
+                    done = begin + len(encodings) if start + size >= len(encodings) else begin
+                lengths = [len(e.ids) for e in rows]
+                yield PendingBatch(self._writer(rows, self.labels_of(records, begin + picked)), size, sum(lengths),
+                                   done, begin + picked if self.keep_every_record else None, max(lengths))
         self.examples_dropped = len(records) - full
 
-    def _writer(self, rows: list[Any], labels: list[Any]) -> Callable[[dict[str, np.ndarray]], None]:
+    def labels_of(self, records: Records, indexes: np.ndarray) -> list[Any] | None:
+        """The labels of the chunk's records at ``indexes``, in that order."""
+        return [records.labels[i] for i in indexes]
+
+    def _writer(self, rows: list[Any], labels: list[Any] | None) -> Callable[[dict[str, np.ndarray]], None]:
         def write(out: dict[str, np.ndarray]) -> None:
             ids, attention, lengths = out["input_ids"], out["attention_mask"], out["_lengths"]
             types = out.get("token_type_ids")
@@ -115,7 +135,8 @@ class Classify(Task):
                 lengths[row] = n
                 if types is not None:
                     types[row, :n] = encoding.type_ids
-            self.write_labels(out["labels"], labels)
+            if labels is not None:
+                self.write_labels(out["labels"], labels)
         return write
 
 

@@ -64,6 +64,14 @@ class MaskedLM(Task):
                                   "with pack: false each row holds one document already")
 
     @classmethod
+    def complete_pass_problem(cls, options: dict[str, Any], bucketing: bool) -> str | None:
+        if options["pack"]:
+            return "mlm with pack: true packs documents across rows; set task.pack: false for one record per row"
+        if bucketing:
+            return "mlm keeps its rows in record order; bucket_window sorts rows for classify, multilabel and encode"
+        return None
+
+    @classmethod
     def packs_documents(cls, options: dict[str, Any]) -> bool:
         return bool(options["pack"])
 
@@ -135,12 +143,21 @@ class MaskedLM(Task):
                 truncated += len(ids) > width
                 done += 1
                 if len(pending) == self.batch_size:
-                    tokens = sum(map(len, pending)) + 2 * self.batch_size
-                    yield PendingBatch(self._row_writer(pending, pending_starts, chunk, index), self.batch_size,
-                                       tokens, done)
+                    yield self._rows_batch(pending, pending_starts, chunk, index, done)
                     pending, pending_starts, index = [], [], index + 1
+        if pending and self.keep_every_record:  # a complete pass keeps the partial last batch
+            yield self._rows_batch(pending, pending_starts, chunk, index, done)
+            pending = []
         self.tokens_dropped = dropped + sum(map(len, pending))
         self.documents_cut = truncated
+
+    def _rows_batch(self, docs: list[list[int]], doc_starts: list[list[bool]], chunk: int, index: int,
+                    done: int) -> PendingBatch:
+        """The batch of one document per row ending with the chunk's record ``done - 1``."""
+        lengths = [len(doc) + 2 for doc in docs]  # [CLS] doc [SEP]
+        records = np.arange(done - len(docs), done) if self.keep_every_record else None
+        return PendingBatch(self._row_writer(docs, doc_starts, chunk, index), self.batch_size, sum(lengths), done,
+                            records, max(lengths))
 
     def _row_writer(self, docs: list[list[int]], doc_starts: list[list[bool]], chunk: int,
                     index: int) -> Callable[[dict[str, np.ndarray]], None]:
