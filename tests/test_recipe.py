@@ -98,7 +98,19 @@ def test_every_recipe_key_is_read(epochs_and_sharding):
         **epochs_and_sharding,
     }
     recipe = parse_recipe({**with_changes(), **given})
-    assert set(given) | set(BASE) - {"source"} | {"sources"} == {f.name for f in dataclasses.fields(ringload.Recipe)}
+    fields = {f.name for f in dataclasses.fields(ringload.Recipe)}
+    assert set(given) | set(BASE) - {"source"} | {"sources"} == fields - COMPLETE_PASS_KEYS
+    assert {key: getattr(recipe, key) for key in given} == given
+
+
+COMPLETE_PASS_KEYS = {"mode", "id_field", "id_bytes", "bucket_window"}  # read only with mode: eval
+
+
+def test_every_complete_pass_key_is_read():
+    """The keys of a complete pass, set away from their defaults, come through the parser unchanged."""
+    given = {"mode": "eval", "id_field": "id", "id_bytes": 32, "bucket_window": 64}
+    recipe = parse_recipe({**with_changes(task={"type": "encode", "seq_len": 16}), **given})
+    assert set(given) == COMPLETE_PASS_KEYS
     assert {key: getattr(recipe, key) for key in given} == given
 
 
