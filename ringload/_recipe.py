@@ -175,7 +175,7 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
 
 def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe") -> Recipe:
     """Check a recipe given as a mapping (as ``load_recipe`` reads it) and resolve its paths."""
-    from ._tasks import check_task_options
+    from ._tasks import check_task_options, task_class
     from ._tasks.engines import ENGINES
 
     def fail(key: str, why: str) -> RecipeError:
@@ -193,6 +193,12 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
     if not isinstance(task, dict) or "type" not in task:
         raise fail("task", "must be a mapping with at least `type` (e.g. {type: mlm, seq_len: 128})")
     task = check_task_options(dict(task), origin)
+    if task_class(task["type"], origin).reads_labels:
+        for i, source in enumerate(sources):
+            if source.label_field is None:
+                key = "source" if "source" in data else f"sources[{i}]"
+                raise fail(f"{key}.label_field", f"task {task['type']} needs a label per record: name the field "
+                                                 "(jsonl key or csv/tsv column) that holds it")
 
     name = data["name"]
     if not isinstance(name, str) or not name:

@@ -69,6 +69,10 @@ def with_changes(**changes):
         ({"source": {"paths": ["x"], "retries": -1}}, "source.retries: must be a number of reconnections >= 0, got -1"),
         ({"source": {"paths": ["x"], "timeout": 0}}, "source.timeout: must be 0 < seconds <= 3600, got 0"),
         ({"task": {"type": "classify", "labels": ["a", ["b"]]}}, "task.labels: must be a list of names"),
+        ({"task": {"type": "classify", "num_labels": 2}}, "source.label_field: task classify needs a label per record"),
+        ({"source": None, "sources": [{"paths": ["x"], "format": "jsonl", "label_field": "y"},
+                                      {"paths": ["z"], "format": "jsonl"}],
+          "task": {"type": "multilabel", "labels": ["a"]}}, "sources[1].label_field: task multilabel needs a label"),
     ],
 )
 def test_mistakes_name_the_key(changes, message):

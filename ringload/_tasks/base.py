@@ -465,6 +465,7 @@ class Task(ABC):
     """
 
     options: ClassVar[dict[str, Any]] = {}
+    reads_labels: ClassVar[bool] = False  # True if batches need every record's label (source.label_field)
     tokens_dropped = 0  # tokens the last ``batches`` call could not place in a full batch
     documents_cut = 0  # documents the last ``batches`` call cut across rows, split or truncated
     examples_dropped = 0  # examples the last ``batches`` call could not place in a full batch

@@ -22,6 +22,7 @@ class Classify(Task):
     consumer can trim padding columns (``connect(..., trim=True)``)."""
 
     options = {"seq_len": 128, "labels": [], "num_labels": 0, "special_tokens": {}}
+    reads_labels = True
 
     @classmethod
     def check_options(cls, options: dict[str, Any], origin: str) -> None:
@@ -118,7 +119,9 @@ class Classify(Task):
 
     def labels_of(self, records: Records, indexes: np.ndarray) -> list[Any] | None:
         """The labels of the chunk's records at ``indexes``, in that order."""
-        return [records.labels[i] for i in indexes]
+        labels = records.labels
+        assert labels is not None  # parse_recipe requires a label_field of every source for such a task
+        return [labels[i] for i in indexes]
 
     def _writer(self, rows: list[Any], labels: list[Any] | None) -> Callable[[dict[str, np.ndarray]], None]:
         def write(out: dict[str, np.ndarray]) -> None:

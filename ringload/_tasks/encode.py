@@ -18,6 +18,7 @@ class Encode(Classify):
     and carries its ``_record`` (and ``_id``)."""
 
     options = {"seq_len": 128, "special_tokens": {}}
+    reads_labels = False
 
     @classmethod
     def check_options(cls, options: dict[str, Any], origin: str) -> None:
