@@ -107,17 +107,18 @@ def complete_batches(task: Task, batches: Iterator[PendingBatch], records: Recor
     for batch in batches:
         if batch.records is None:
             raise RuntimeError(f"task {type(task).__name__} gave a batch without its records in a complete pass")
-        yield PendingBatch(_stamped(batch, records, source, file_index, path, pad), batch.rows, batch.tokens,
-                           batch.records_done, batch.records, batch.width)
+        yield PendingBatch(_stamped(batch, batch.records, records, source, file_index, path, pad), batch.rows,
+                           batch.tokens, batch.records_done, batch.records, batch.width)
         count += 1
     for _ in range(dealing.padding(count)):
         yield PendingBatch(lambda out: blank_rows(out, 0, pad), task.batch_size, 0, len(records),
                            np.empty(0, dtype=np.int64), 1)
 
 
-def _stamped(batch: PendingBatch, records: Records, source: int, file_index: int, path: str,
+def _stamped(batch: PendingBatch, rows: np.ndarray, records: Records, source: int, file_index: int, path: str,
              pad: int) -> Any:
-    rows = batch.records
+    """The write function of ``batch``, whose rows hold ``records`` at indexes ``rows``, stamped with
+    where each record comes from."""
     ids = None
     if records.ids is not None:
         ids = [records.ids[i].encode() for i in rows]

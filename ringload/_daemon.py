@@ -69,7 +69,7 @@ class ProducerSlot:
 
     lane: int
     process: Any = None
-    conn: Connection | None = None
+    conn: Connection = field(init=False)  # set by Daemon._spawn, right after the slot is made
     chunk: Chunk | None = None  # the chunk it is working on (at most one)
     skip: int = 0  # batches of that chunk it was told to skip
     idle: bool = False
@@ -128,21 +128,37 @@ class Daemon:
         ahead = min(2 * recipe.producers + 2, max(recipe.producers + 2, (256 << 20) // recipe.chunk_size))
         self.chunks: queue.Queue[Chunk | None] = queue.Queue(maxsize=ahead)
         self.reader_error: str | None = None
-        self.chunks_read: int | None = None  # total number of chunks, once the sources are exhausted
+        self.chunks_read = 0  # total number of chunks, set by the reader before its end marker
         self.sources_done = False  # the reader's end marker has been taken from the queue
         self.held: Chunk | None = None  # taken from the reader, not yet handed out (see _next_chunk)
         self.wake_r, self.wake_w = os.pipe()
         self.producers: list[ProducerSlot] = []
         self.files: list[list[str]] = []  # per source
         self.context = multiprocessing.get_context("spawn")
-        self.ring: Ring | None = None
-        self.sems: Semaphores | None = None
-        self.task: Task | None = None  # the daemon's own copy: it checks the first chunks' labels
+        # Made by run(): ring, sems and task read them once made.
+        self._ring: Ring | None = None
+        self._sems: Semaphores | None = None
+        self._task: Task | None = None  # the daemon's own copy: it checks the first chunks' labels
         self.start: ResumePoint | None = None
         self.first_chunks_checked = threading.Event()  # set by the reader (also when it failed first)
         self.start_problem: str | None = None  # why the ring cannot start, found before it is RUNNING
         self.first_pass = FirstPass(epoch=0)
         self.failure: str | None = None  # the ring's first failure, whole (the header keeps ERROR_CAPACITY bytes)
+
+    @property
+    def ring(self) -> Ring:
+        assert self._ring is not None, "run() creates the ring first"
+        return self._ring
+
+    @property
+    def sems(self) -> Semaphores:
+        assert self._sems is not None, "run() opens the semaphores first"
+        return self._sems
+
+    @property
+    def task(self) -> Task:
+        assert self._task is not None, "run() builds the task first"
+        return self._task
 
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -157,11 +173,12 @@ class Daemon:
         for slot in self.producers:
             self._spawn(slot)
         try:
-            self.task = build_recipe_task(self.recipe)
-            geometry = geometry_for(self.recipe, self.task)
+            self._task = task = build_recipe_task(self.recipe)
+            geometry = geometry_for(self.recipe, task)
             # The engine the producers encode with (they make the same choice from the same files).
-            header_recipe = {"recipe": self.recipe.to_dict(), "files": files, "dealing": self.recipe.dealing.to_dict(),
-                             "tokenizer_engine": self.task.tok.engine.to_dict()}
+            header_recipe: dict[str, Any] = {"recipe": self.recipe.to_dict(), "files": files,
+                                             "dealing": self.recipe.dealing.to_dict(),
+                                             "tokenizer_engine": task.tok.engine.to_dict()}
             plan = find_plan(self.recipe, files)
             if plan is not None:
                 header_recipe["epoch_batches"] = plan  # batches per rank of each epoch, for the consumers' len()
@@ -173,7 +190,7 @@ class Daemon:
                     self.first_pass = FirstPass(epoch=start.epoch + 1)
             self.start = start
             reclaim_if_dead(self.name)
-            self.ring = Ring.create(self.name, geometry, header_recipe)
+            self._ring = Ring.create(self.name, geometry, header_recipe)
         except BaseException:
             self._stop_producers()
             raise
@@ -188,7 +205,7 @@ class Daemon:
             self.ring.set(self.ring.lane_word(slot.lane, LaneWord.PID), slot.process.pid)
         problem = None
         try:
-            self.sems = Semaphores(self.name, geometry.lanes, geometry.slots, geometry.ranks)
+            self._sems = Semaphores(self.name, geometry.lanes, geometry.slots, geometry.ranks)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self._request_stop())
             threading.Thread(target=self._read, args=(files, start), name="ringload-reader", daemon=True).start()
@@ -288,9 +305,9 @@ class Daemon:
         finally:
             signal.signal(signal.SIGINT, previous)
         child.close()
-        if self.ring is not None:  # the first producers start before the ring exists; run() records them
-            self.ring.set(self.ring.lane_word(slot.lane, LaneWord.PID), process.pid)
         slot.process, slot.conn, slot.idle, slot.chunk = process, parent, False, None
+        if self._ring is not None:  # the first producers start before the ring exists; run() records them
+            self._ring.set(self._ring.lane_word(slot.lane, LaneWord.PID), slot.process.pid)
 
     def _fail(self, message: str) -> None:
         """Fail the ring: the first failure's message goes into the header and the log (and, at teardown,
@@ -304,11 +321,11 @@ class Daemon:
         ring = self.ring
         if ring.state != State.FAILED:
             ring.set_state(State.STOPPING)
-        if self.sems:
-            self.sems.ring_all()  # wake waiting consumers so they see the new state
+        if self._sems:
+            self._sems.ring_all()  # wake waiting consumers so they see the new state
         self._stop_producers()
-        if self.sems:
-            self.sems.close()
+        if self._sems:
+            self._sems.close()
         if failure is not None:  # written before the ring goes, so one of them always tells
             record_failure(self.name, failure, os.getpid(), _log_destination())
         remove_ring(self.name, ring.geometry.lanes, ring.geometry.ranks)
@@ -379,7 +396,7 @@ class Daemon:
         ring = self.ring
         last_rate_t, last_totals = time.monotonic(), self._totals()
         while not self.stop_requested.is_set():
-            waitables = [self.wake_r]
+            waitables: list[Connection | int] = [self.wake_r]
             for slot in self.producers:
                 waitables += [slot.conn, slot.process.sentinel]
             ready = set(wait(waitables, timeout=HEARTBEAT_S))
@@ -426,6 +443,7 @@ class Daemon:
     def _dispatch(self) -> None:
         """Give every idle producer its next chunk: first any chunk a dead predecessor left, else the next one read."""
         self._check_first_pass()
+        chunk: Chunk | None  # a Chunk wherever a slot gets one
         for slot in self.producers:
             if not slot.idle:
                 continue

@@ -64,7 +64,7 @@ class RingDataset(torch.utils.data.IterableDataset):
                 "the node; add --resume STATE.json to continue a checkpoint) and give every process its name: "
                 "RingDataset('NAME')")
         self._ring, self._recipe = ring, recipe
-        self._start_options = {"name": name, "producers": producers}
+        self._start_options: dict[str, Any] = {"name": name, "producers": producers}
         self._connect_options = {"device": device, "timeout": timeout, "dtypes": dtypes, "prefetch": prefetch,
                                  "trim": trim, "meta": meta, "rank": rank, "copy": copy}
         self._handle: RingHandle | None = None
@@ -138,6 +138,7 @@ class RingDataset(torch.utils.data.IterableDataset):
                              length_unknown(name, recipe.to_dict()))
         elif self._lengths is None:
             self._connect().close()
+        assert self._lengths is not None  # learnt above, or by _connect
         plan, skip, most, unknown = self._lengths
         if plan is None:
             raise TypeError(unknown)
@@ -175,6 +176,7 @@ class RingDataset(torch.utils.data.IterableDataset):
             return dict(self._resume)
         for number, position in reversed(self._positions):
             if number == consumed:
+                assert self._stream is not None  # set by _connect, which every batch handed out went through
                 identity, sources = self._stream
                 return stream_state(identity, sources, position)
         raise RingError(f"RingDataset: the framework is {self._handed - consumed} batches ahead of the model, more "
@@ -189,7 +191,7 @@ class RingDataset(torch.utils.data.IterableDataset):
         state = dict(state or {})
         if self._ring is not None:
             self._close_loader()
-            self._delivered = self._check_attached_ring_at(state)
+            self._delivered = self._check_attached_ring_at(self._ring, state)
         else:
             if state != self._resume or self._handed:
                 self.close()
@@ -198,13 +200,13 @@ class RingDataset(torch.utils.data.IterableDataset):
         self._positions.clear()
         self._handed, self._trained = 0, None if self._trained is None else 0
 
-    def _check_attached_ring_at(self, state: dict[str, Any]) -> int:
+    def _check_attached_ring_at(self, ring: str, state: dict[str, Any]) -> int:
         """The batches the attached ring's rank has delivered, if ``state`` is where it stands (or empty)."""
-        with Loader(self._ring, **self._connect_options) as loader:
+        with Loader(ring, **self._connect_options) as loader:
             here = loader.state_dict()
         if state and (state.get("next"), state.get("delivered")) != (here["next"], here["delivered"]):
             raise RingError(
-                f"RingDataset({self._ring!r}) attaches to a ring started elsewhere, which stands at batch "
+                f"RingDataset({ring!r}) attaches to a ring started elsewhere, which stands at batch "
                 f"{here['delivered']} of its stream; it cannot move to the checkpoint's batch "
                 f"{state.get('delivered')}. "
                 "Restart that ring with `ringload start RECIPE --resume STATE.json`, or let the dataset own its ring: "

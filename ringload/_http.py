@@ -18,7 +18,10 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 log = logging.getLogger("ringload.http")
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -45,7 +48,7 @@ class ResumableHTTPFile(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         failures = 0
         while True:
             try:
@@ -126,7 +129,7 @@ class _Retry(Exception):
 
 
 class _EmptyResponse:
-    def readinto(self, buffer: memoryview) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         return 0
 
     def close(self) -> None:
@@ -166,9 +169,10 @@ class MeteredFile(io.RawIOBase):
     def tell(self) -> int:
         return self.raw.tell()
 
-    def readinto(self, buffer: memoryview) -> int:
-        data = self.raw.read(len(buffer))
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer)
+        data = self.raw.read(len(view))
         n = len(data)
-        buffer[:n] = data
+        view[:n] = data
         self.meter.fetched += n
         return n

@@ -174,7 +174,8 @@ class SlotHeader:
     def of(cls, words: memoryview, base: int) -> SlotHeader:
         """The header whose first word is ``words[base]``."""
         w = words[base:base + cls.WORDS].tolist()
-        return cls(*w[:SlotWord.CURSOR], Cursor(*w[SlotWord.CURSOR:]))
+        seq, chunk, index, rows, flags, records_done, tokens, checksum = w[:SlotWord.CURSOR]
+        return cls(seq, chunk, index, rows, flags, records_done, tokens, checksum, Cursor(*w[SlotWord.CURSOR:]))
 
     def store(self, words: memoryview, base: int) -> None:
         words[base:base + self.WORDS] = memoryview(_SLOT_HEADER.pack(*self.words())).cast("q")
@@ -537,7 +538,8 @@ def _validate_header(name: str, mem: mmap.mmap) -> Geometry:
     (recipe_len,) = struct.unpack_from("<I", mem, RECIPE_OFFSET)
     if RECIPE_OFFSET + 4 + recipe_len > header_size:
         raise bad("recipe text extends past the header")
-    fields, offsets = [], []
+    fields: list[Field] = []
+    offsets: list[int] = []
     for i in range(n_fields):
         raw_name, raw_dtype, ndim, d0, d1, d2, off, nbytes = struct.unpack_from("<24s8sIIIIQQ", mem,
                                                                                SCHEMA_OFFSET + i * LINE)

@@ -118,9 +118,10 @@ class Producer:
             except EOFError:
                 return  # the daemon closed the pipe: shutting down
             self._spent(LaneWord.WAIT_CHUNK_NS, LaneWord.WORK_NS)
-            self.chunk, skip = decode_chunk(message)
-            self.process(self.chunk, skip)
-            self.chunk, self.finished = None, self.chunk.id
+            chunk, skip = decode_chunk(message)
+            self.chunk = chunk  # for whereabouts, should process fail
+            self.process(chunk, skip)
+            self.chunk, self.finished = None, chunk.id
 
     def whereabouts(self) -> str:
         """Where this producer stands, in words, for its failure message."""

@@ -181,9 +181,9 @@ class RankReader:
         want_chunk, want_index = self._search
         for lane, heads in self._heads.items():
             if heads and heads[0][1] == want_chunk:
-                seq, chunk, index = heads.popleft()
+                head_seq, chunk, index = heads.popleft()
                 self._check_index(lane, chunk, index, want_index)
-                return lane, seq
+                return lane, head_seq
         lanes = self.lanes
         for step in range(len(lanes)):
             at = (self._last_lane + step) % len(lanes)

@@ -39,11 +39,10 @@ def check_state(state: Any, identity: dict[str, Any]) -> tuple[ResumePoint, list
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise RecipeError(f"--resume: not a ringload state (expected format {STATE_FORMAT!r})")
     saved = state.get("stream", {})
-    differences = [f"files ({len(saved.get('files', []))} then, {len(identity['files'])} now)"
-                   if saved.get("files") != identity["files"] else None]
+    differences = ([f"files ({len(saved.get('files', []))} then, {len(identity['files'])} now)"]
+                   if saved.get("files") != identity["files"] else [])
     new = identity["recipe"]
     differences += _differences(saved.get("recipe", {}), new, _recipe_defaults(new.get("task", {}).get("type")))
-    differences = [d for d in differences if d]
     if differences:
         raise RecipeError("--resume: the state comes from a different stream; it differs in "
                           + "; ".join(differences))

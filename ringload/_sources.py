@@ -380,9 +380,13 @@ def parse_records(chunk: Chunk, source: Source, path: str, convert_label: Callab
         rows = _line_rows(chunk, source, limit)
     if hooks.keep or hooks.change:
         rows = _hooked(rows, hooks)
-    wants_pair, wants_label = source.pair_field is not None, source.label_field is not None
-    records = Records(pairs=[] if wants_pair else None, labels=[] if wants_label else None,
-                      ids=[] if id_field is not None else None)
+    pair_field, label_field = source.pair_field, source.label_field
+    # Filled below; Records holds them only if the source has the field.
+    pairs: list[str] = []
+    labels: list[Any] = []
+    ids: list[str] = []
+    records = Records(pairs=pairs if pair_field is not None else None,
+                      labels=labels if label_field is not None else None, ids=ids if id_field is not None else None)
     cut_at = max_record_bytes if on_long_record == "truncate" else None
     bad: list[BadRecord] = []
     for number, row in rows:
@@ -399,11 +403,11 @@ def parse_records(chunk: Chunk, source: Source, path: str, convert_label: Callab
             continue  # not an example: blank line, cirrussearch action line
         try:
             text = _text_of(row, source.field)
-            pair = _text_of(row, source.pair_field) if wants_pair else None
-            if wants_label:
-                if source.label_field not in row or row[source.label_field] is None:
-                    raise ValueError(f"label field {source.label_field!r} is missing")
-                label = row[source.label_field]
+            pair = _text_of(row, pair_field) if pair_field is not None else None
+            if label_field is not None:
+                if label_field not in row or row[label_field] is None:
+                    raise ValueError(f"label field {label_field!r} is missing")
+                label = row[label_field]
                 label = convert_label(label) if convert_label else label
             if id_field is not None:
                 record_id = _id_of(row, id_field)
@@ -417,11 +421,11 @@ def parse_records(chunk: Chunk, source: Source, path: str, convert_label: Callab
         records.texts.append(text)
         records.lines.append(number)
         if id_field is not None:
-            records.ids.append(record_id)
-        if wants_pair:
-            records.pairs.append(pair)
-        if wants_label:
-            records.labels.append(label)
+            ids.append(record_id)
+        if pair is not None:
+            pairs.append(pair)
+        if label_field is not None:
+            labels.append(label)
     return records, bad
 
 
@@ -435,14 +439,17 @@ class _TooLong:
 def _truncated(text: str, pair: str | None, source: Source, limit: int) -> tuple[str, str | None, str | None]:
     """``text`` and ``pair`` cut to at most ``limit`` bytes of UTF-8 each, at a character boundary,
     and a note saying what was cut (None if nothing was)."""
-    notes, kept = [], []
-    for name, value in ((source.field, text), (source.pair_field, pair)):
-        encoded = b"" if value is None else value.encode("utf-8", "surrogatepass")
-        if len(encoded) > limit:
-            notes.append(f"field {name!r} of {len(encoded):,} bytes")
-            value = encoded[:limit].decode("utf-8", "ignore")  # drops only a character that the cut split
-        kept.append(value)
-    return kept[0], kept[1], f"{' and '.join(notes)} cut to max_record_bytes ({limit:,})" if notes else None
+    notes: list[str] = []
+
+    def cut(name: str | None, value: str) -> str:
+        encoded = value.encode("utf-8", "surrogatepass")
+        if len(encoded) <= limit:
+            return value
+        notes.append(f"field {name!r} of {len(encoded):,} bytes")
+        return encoded[:limit].decode("utf-8", "ignore")  # drops only a character that the cut split
+
+    text, pair = cut(source.field, text), None if pair is None else cut(source.pair_field, pair)
+    return text, pair, f"{' and '.join(notes)} cut to max_record_bytes ({limit:,})" if notes else None
 
 
 def _hooked(rows: Iterator[tuple[int, Any]], hooks: Hooks) -> Iterator[tuple[int, Any]]:
@@ -524,7 +531,8 @@ def _line_rows(chunk: Chunk, source: Source,
 def _paragraphs(lines: list[bytes], first: int, field_name: str,
                 limit: int | None) -> Iterator[tuple[int, dict[str, Any] | str | _TooLong | None]]:
     """Blank-line-separated paragraphs, each one example (its lines joined by newlines)."""
-    start, block = first, []
+    start = first
+    block: list[bytes] = []
     for number, raw in enumerate([*lines, b""], first):
         if raw.strip():
             if not block:
@@ -552,7 +560,8 @@ def _csv_rows(chunk: Chunk, source: Source, path: str,
     ends at a newline after an even number of quote characters, as chunks do) and each is decoded
     and parsed on its own, so a broken record costs only itself."""
     tsv = source.format == "tsv"
-    dialect = {"delimiter": "\t" if tsv else ",", "quoting": csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL}
+    dialect: dict[str, Any] = {"delimiter": "\t" if tsv else ",",
+                               "quoting": csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL}
     header_end = chunk.payload.find(b"\n") + 1 or len(chunk.payload)
     try:
         header_line = chunk.payload[:header_end].decode("utf-8-sig")
@@ -611,7 +620,8 @@ def _csv_records(body: bytes, quoted: bool) -> Iterator[tuple[int, bytes]]:
     lines = body.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()
-    first, pending, quotes = 0, [], 0
+    first, quotes = 0, 0
+    pending: list[bytes] = []
     for offset, line in enumerate(lines):
         if not pending:
             first = offset

@@ -131,28 +131,30 @@ def stage_shares(now: dict[str, Any], before: dict[str, Any] | None = None) -> d
     total = sum(producer.values())
     reader = {key[:-2]: now["reader"][key] - (before["reader"][key] if before else 0.0) for key in ("read_s", "wait_s")}
     reader_total = sum(reader.values())
-    consumers = []
+    consumers: list[float | None] = []
     for c in now["consumers"]:
         old = before["consumers"][c["rank"]] if before else None
         if c["pid"] is None or c["connected_s"] is None:
             consumers.append(None)
             continue
-        same = old is not None and old["pid"] == c["pid"] and old["connected_s"] is not None
-        span = c["connected_s"] - (old["connected_s"] if same else 0.0)
-        waited = c["wait_s"] - (old["wait_s"] if same else 0.0)
+        if old is not None and old["pid"] == c["pid"] and old["connected_s"] is not None:  # the same connection
+            span, waited = c["connected_s"] - old["connected_s"], c["wait_s"] - old["wait_s"]
+        else:
+            span, waited = c["connected_s"], c["wait_s"]
         consumers.append(round(min(1.0, waited / span), 3) if span > 0 else None)
     shares = {key: round(value / total, 3) if total else None for key, value in producer.items()}
     return {
         "producers": shares,
         "reader": {key: round(value / reader_total, 3) if reader_total else None for key, value in reader.items()},
         "consumers_wait": consumers,
-        "bottleneck": _bottleneck(shares, [c for c in consumers if c is not None]),
+        "bottleneck": _bottleneck({key: share for key, share in shares.items() if share is not None},
+                                  [c for c in consumers if c is not None]),
     }
 
 
-def _bottleneck(producers: dict[str, float | None], consumers_wait: list[float]) -> str | None:
-    """The stage that holds the others up, in words a user can act on."""
-    if producers["work"] is None:
+def _bottleneck(producers: dict[str, float], consumers_wait: list[float]) -> str | None:
+    """The stage that holds the others up, in words a user can act on (None before producers spent any time)."""
+    if not producers:
         return None
     if consumers_wait and max(consumers_wait) < BUSY_SHARE:
         return "the training loop: batches are ready before it asks for them (nothing to tune in ringload)"

@@ -53,25 +53,28 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
     with the chunk each source gives first (None: that source gives none); every source's first
     file is opened for it, and those chunks are then yielded in their turn, so nothing is read twice."""
     meter = meter or SourceMeter()
-    resuming = start is not None and start.chunk >= 0
-    chunk_ids = itertools.count(start.chunk if resuming else 0)
-    first_epoch = start.epoch if resuming else 0
+    resume = start if start is not None and start.chunk >= 0 else None  # chunk -1: nothing delivered yet
+    chunk_ids = itertools.count(resume.chunk if resume else 0)
+    first_epoch = resume.epoch if resume else 0
     for epoch in itertools.count(first_epoch) if recipe.epochs is None else range(first_epoch, recipe.epochs):
-        point = start if resuming and epoch == first_epoch else None
-        laps, exhausted = [], []
+        point = resume if epoch == first_epoch else None
+        laps: list[int] = []  # per source: the lap it is reading
+        lap_chunks: list[Iterator[Chunk]] = []  # per source: the rest of that lap's chunks
+        exhausted: list[bool] = []
         for j, source in enumerate(recipe.sources):
             where = point.source_start(j) if point else None
             lap = point.source_lap(j) if point else 0
             chunks = _lap(recipe, source, j, files[j], epoch, lap, where, on_error, meter, split_long_records)
-            if where is not None and j != point.source:
+            if point and where is not None and j != point.source:
                 next(chunks, None)  # that source's last chunk was delivered already
-            laps.append([lap, chunks])
+            laps.append(lap)
+            lap_chunks.append(chunks)
             exhausted.append(lap > 0)
         if first_chunks is not None:
-            heads = [next(chunks, None) for _, chunks in laps]
-            for lap_state, head in zip(laps, heads, strict=True):
+            heads = [next(chunks, None) for chunks in lap_chunks]
+            for j, head in enumerate(heads):
                 if head is not None:
-                    lap_state[1] = itertools.chain([head], lap_state[1])
+                    lap_chunks[j] = itertools.chain([head], lap_chunks[j])
             first_chunks(heads)
             first_chunks = None
         pick = point.pick if point else 0
@@ -82,17 +85,17 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
             for _ in range(pick):
                 next(schedule)
         for j in schedule:
-            chunk = next(laps[j][1], None)
+            chunk = next(lap_chunks[j], None)
             if chunk is None:
                 exhausted[j] = True
                 if recipe.complete_pass:
                     continue  # on to the next source
                 if recipe.stopping_strategy == "first_exhausted" or all(exhausted):
                     break
-                laps[j][0] += 1
-                laps[j][1] = _lap(recipe, recipe.sources[j], j, files[j], epoch, laps[j][0], None, on_error, meter,
-                                  split_long_records)
-                chunk = next(laps[j][1], None)
+                laps[j] += 1
+                lap_chunks[j] = _lap(recipe, recipe.sources[j], j, files[j], epoch, laps[j], None, on_error, meter,
+                                     split_long_records)
+                chunk = next(lap_chunks[j], None)
                 if chunk is None:
                     break  # a source with no records at all
             yield dataclasses.replace(chunk, id=next(chunk_ids), pick=pick)

@@ -76,7 +76,9 @@ class ResumePoint:
     def from_words(cls, words: Iterable[int]) -> ResumePoint:
         w = list(words)
         n = SOURCE_CURSOR_WORDS
-        return cls(*w[:5], tuple(tuple(w[5 + i * n:5 + (i + 1) * n]) for i in range(MAX_SOURCES)))
+        chunk, skip, epoch, pick, source = w[:5]
+        return cls(chunk, skip, epoch, pick, source,
+                   tuple(tuple(w[5 + i * n:5 + (i + 1) * n]) for i in range(MAX_SOURCES)))
 
     @staticmethod
     def advance(words: list[int], chunk: int, skip: int, cursor: Cursor) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import transformers
@@ -38,8 +38,13 @@ from ._errors import RingError
 
 STATE_FILE = "ringload_state.json"
 
+if TYPE_CHECKING:  # the mixin's methods use and extend the Trainer it is mixed into
+    _Trainer = transformers.Trainer
+else:
+    _Trainer = object
 
-class RingTrainerMixin:
+
+class RingTrainerMixin(_Trainer):
     """Mix into a ``transformers.Trainer`` subclass, before it, to train from a :class:`RingDataset`."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -50,25 +55,33 @@ class RingTrainerMixin:
         self.args.ignore_data_skip = True  # the ring restarts where the checkpoint stands; nothing to skip
         self.add_callback(RingStateCallback(self.train_dataset))
 
+    @property
+    def _ring_dataset(self) -> RingDataset:
+        dataset = self.train_dataset
+        assert isinstance(dataset, RingDataset)  # checked in __init__
+        return dataset
+
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         keep = None
         if self.args.remove_unused_columns:
             self._set_signature_columns_if_needed()
-            keep = frozenset(self._signature_columns)
-        return torch.utils.data.DataLoader(self.train_dataset, batch_size=None,
-                                           collate_fn=_ModelInputs(keep) if keep else None)
+            # Trainer.__init__ sets it to None without an annotation, so its type reads None; the call fills it.
+            keep = frozenset(cast("list[str]", self._signature_columns))
+        # torch types collate_fn as taking a list of samples; with batch_size=None it takes one batch (a dict).
+        return torch.utils.data.DataLoader(self._ring_dataset, batch_size=None,
+                                           collate_fn=_ModelInputs(keep) if keep else None)  # type: ignore[arg-type]
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-        if resume_from_checkpoint:
+        if resume_from_checkpoint and not isinstance(resume_from_checkpoint, bool):  # True was replaced above
             path = Path(resume_from_checkpoint, STATE_FILE)
             if not path.is_file():
                 raise RingError(f"{path} is missing: checkpoint {resume_from_checkpoint} was not written by a "
                                 "RingTrainer, so it does not say where the ring's stream stood")
-            self.train_dataset.load_state_dict(json.loads(path.read_text()))
+            self._ring_dataset.load_state_dict(json.loads(path.read_text()))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
 

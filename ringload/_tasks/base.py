@@ -265,7 +265,7 @@ class Packer:
                 rows = stream[:per_batch].reshape(shape)
                 row_starts = starts[:per_batch].reshape(shape) if self.word_starts else None
                 # A document starts where the previous one ended; every row starts a piece.
-                boundaries = np.zeros(per_batch, dtype=bool)
+                boundaries: np.ndarray = np.zeros(per_batch, dtype=bool)
                 lo, hi = np.searchsorted(ends, [consumed, consumed + per_batch])
                 boundaries[ends[lo:hi] - consumed] = True
                 boundaries = boundaries.reshape(shape)
@@ -346,7 +346,8 @@ class Packer:
             for i in row:
                 _, piece, piece_words = items[i]
                 pieces.append(piece)
-                words.append(piece_words)
+                if piece_words is not None:  # None unless self.word_starts
+                    words.append(piece_words)
                 starts.append(at)
                 at += len(piece)
             used[r] = at - r * width

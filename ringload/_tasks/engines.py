@@ -120,23 +120,24 @@ class EngineSwitch:
         self._thread: threading.Thread | None = None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        if self._chosen is None:
-            if self._requested == "tokenizers" or self._decided.is_set():
-                self.choice()
-            else:
-                self._start()
-                return self._hf(texts)
-        return self._chosen[0](texts)
+        if self._chosen is None and self._requested != "tokenizers" and not self._decided.is_set():
+            self._start()
+            return self._hf(texts)
+        return self._engine()[0](texts)
 
     def choice(self) -> EngineChoice:
         """The engine ``encode`` runs from now on, and why; decided here if no thread has started."""
+        return self._engine()[1]
+
+    def _engine(self) -> tuple[Encoder, EngineChoice]:
         if self._chosen is None:
             if self._thread is None and not self._decided.is_set():
                 self._decide()
             self._decided.wait()
             if self._error is not None:
                 raise self._error
-        return self._chosen[1]
+            assert self._chosen is not None  # _decide sets either _chosen or _error
+        return self._chosen
 
     def _start(self) -> None:
         if self._thread is None:
