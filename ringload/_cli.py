@@ -186,6 +186,8 @@ def _render_status(s: dict) -> str:
         f"{s['rates']['batches_per_s']:.1f} batches/s  {s['rates']['tokens_per_s'] / 1e6:.3f} Mtokens/s",
         f"sources: {s['source_bytes']['fetched'] / 2**20:.1f} MiB fetched of "
         f"{s['source_bytes']['listed'] / 2**20:.1f} MiB in the files opened so far"
+        + (f", {s['source_bytes']['from_cache'] / 2**20:.1f} MiB served from the token cache"
+           if s["source_bytes"]["from_cache"] else "")
         + (f"  (stream ends at chunk {s['end_chunk']})" if s["end_chunk"] is not None else ""),
     ]
     if s["tokenizer_engine"]:
@@ -287,6 +289,44 @@ def clean() -> None:
     forgotten = [name for name in failed_names() if forget_failure(name)]
     click.echo(f"removed {len(removed)} orphaned ring(s)" + (f": {', '.join(removed)}" if removed else "")
                + (f"; forgot the failures of {', '.join(forgotten)}" if forgotten else ""))
+
+
+@main.group()
+def cache() -> None:
+    """The token cache (recipe key token_cache): what it holds, and freeing it."""
+
+
+def _cache_dir_option(command):  # type: ignore[no-untyped-def]
+    from ._cache import default_cache_dir
+
+    return click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+                        default=default_cache_dir(), show_default=True,
+                        help="The cache directory (a recipe's token_cache.dir, if it names one).")(command)
+
+
+@cache.command(name="ls")
+@_cache_dir_option
+def cache_ls(directory: Path) -> None:
+    """Show what the token cache in --dir holds: entries, their size, and the laps it can serve unread."""
+    from ._cache import FORMAT, directory_usage, lap_maps
+
+    total, counts = directory_usage(directory / FORMAT)
+    click.echo(f"{directory}: {counts['entries']} chunk entries, {counts['lap_maps']} lap maps, "
+               f"{total / 2**20:.1f} MiB" + (f"; {counts['temporary']} temporary files of writers that are running "
+                                             "or were killed" if counts["temporary"] else ""))
+    for lap in lap_maps(directory):
+        click.echo(f"  lap of {lap['files']}: {lap['chunks']} chunks, {lap['bytes'] / 2**20:.1f} MiB of text"
+                   + (f" (shuffled, epoch {lap['epoch']}, lap {lap['lap']})" if lap["epoch"] is not None else ""))
+
+
+@cache.command(name="clear")
+@_cache_dir_option
+def cache_clear(directory: Path) -> None:
+    """Remove everything the token cache in --dir holds (running rings then tokenize again)."""
+    from ._cache import clear
+
+    files, size = clear(directory)
+    click.echo(f"removed {files} files, {size / 2**20:.1f} MiB, from {directory}")
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2

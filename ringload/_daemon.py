@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from . import _cache as token_cache
 from ._complete import batch_fields, build_recipe_task
 from ._errors import ProducerFailed, RecipeError, RingError
 from ._failures import forget_failure, record_failure
@@ -144,6 +145,7 @@ class Daemon:
         self.start_problem: str | None = None  # why the ring cannot start, found before it is RUNNING
         self.first_pass = FirstPass(epoch=0)
         self.failure: str | None = None  # the ring's first failure, whole (the header keeps ERROR_CAPACITY bytes)
+        self.cache_keys: token_cache.CacheKeys | None = None
 
     @property
     def ring(self) -> Ring:
@@ -179,6 +181,9 @@ class Daemon:
             header_recipe: dict[str, Any] = {"recipe": self.recipe.to_dict(), "files": files,
                                              "dealing": self.recipe.dealing.to_dict(),
                                              "tokenizer_engine": task.tok.engine.to_dict()}
+            self.cache_keys = token_cache.setup(self.recipe, files, type(task), log.warning)
+            if self.cache_keys is not None:
+                header_recipe[token_cache.HEADER_KEY] = self.cache_keys.to_dict()  # the producers' cache
             plan = find_plan(self.recipe, files)
             if plan is not None:
                 header_recipe["epoch_batches"] = plan  # batches per rank of each epoch, for the consumers' len()
@@ -270,6 +275,8 @@ class Daemon:
                        if recipe.node_sharding == "chunks" and recipe.nnodes > 1 else ""))
         if source.filter or source.map:
             return None  # hooks are user code, run by producers only: the first-pass check covers this source
+        if token_cache.is_unread(head):
+            return None  # its ids are cached, so it passed this check when it was read
         path, numbered = record_origin(head, self.files, bool(recipe.shuffle))
         try:
             records, bad = parse_records(numbered, source, path, self.task.convert_label, Hooks(),
@@ -355,9 +362,12 @@ class Daemon:
             skip_broken = self._count_source_error if self.recipe.on_bad_record == "skip" else None
             split = self.task.packs_documents(self.recipe.task)
             mark = time.monotonic_ns()
-            for chunk in read_stream(self.recipe, files, start, skip_broken, meter, split, self._check_first_chunks):
+            laps = token_cache.LapCache(self.cache_keys, log.warning) if self.cache_keys else None
+            for chunk in read_stream(self.recipe, files, start, skip_broken, meter, split, self._check_first_chunks,
+                                     laps):
                 ring.set(Word.BYTES_FETCHED, meter.fetched)
                 ring.set(Word.BYTES_LISTED, meter.listed)
+                ring.set(Word.BYTES_FROM_CACHE, laps.served if laps else 0)
                 mark = self._count(Word.READER_READ_NS, mark)
                 while not self.stop_requested.is_set():
                     try:

@@ -111,6 +111,7 @@ class LaneWord:
     STAGE = 37
     STAGE_SINCE_NS = 38
     AHEAD = 39
+    CHUNKS_FROM_CACHE = 30  # chunks whose ids came from the token cache (_cache)
 
 
 STAT_WORDS = {
@@ -126,6 +127,7 @@ STAT_WORDS = {
     "rows_padded": LaneWord.ROWS_PADDED,
     "trimmed_positions": LaneWord.TRIMMED_POSITIONS,
     "chunks": LaneWord.CHUNKS,
+    "chunks_from_cache": LaneWord.CHUNKS_FROM_CACHE,
 }
 
 

@@ -16,7 +16,8 @@ Byte layout::
            source_errors (files it could not read to the end) | bytes_fetched (raw bytes read from
            the sources, before decompression) | bytes_listed (sizes of the files opened so far)
            | reader_read_ns (time spent reading and cutting chunks) | reader_wait_ns (time spent
-           waiting for room in the read-ahead queue, i.e. for producers)
+           waiting for room in the read-ahead queue, i.e. for producers) | bytes_from_cache (bytes
+           of chunks handed out unread, their token ids in the token cache: ``_cache``)
     192    (unused)
     320    schema: 8 entries x 64 bytes
            name 24s | dtype 8s (numpy str, e.g. "<i4") | ndim u32 | dims 3 x u32 | offset | nbytes
@@ -114,6 +115,7 @@ class Word:
     BYTES_LISTED = 18
     READER_READ_NS = 19
     READER_WAIT_NS = 20
+    BYTES_FROM_CACHE = 21
 
 
 class ConsumerWord:

@@ -55,17 +55,18 @@ def _identity(recipe: Recipe, files: list[list[str]]) -> dict[str, Any]:
 
 def _file_stamps(recipe: Recipe, files: list[list[str]]) -> list[list[list[Any]]]:
     """Every source file's (size, modification time): what besides the stream's identity the counts depend on."""
-    return [[_stamp(path, source) for path in paths] for paths, source in zip(files, recipe.sources, strict=True)]
+    return [[file_stamp(path, source) for path in paths] for paths, source in zip(files, recipe.sources, strict=True)]
 
 
-def _stamp(path: str, source: Any) -> list[Any]:
+def file_stamp(path: str, source: Any) -> list[Any]:
     """(size, modification time) of a file, local or remote, as its filesystem reports them."""
     if "://" not in path:
         st = os.stat(path)
         return [st.st_size, st.st_mtime_ns]
     fs, inner = fsspec.core.url_to_fs(path, **source.storage_options)
     info = fs.info(inner)
-    changed = next((info[k] for k in ("mtime", "LastModified", "last_modified", "ETag", "etag") if k in info), None)
+    markers = ("mtime", "LastModified", "last_modified", "ETag", "etag", "Last-Modified")  # HTTP: fsspec's HEAD fields
+    changed = next((info[k] for k in markers if k in info), None)
     return [info.get("size"), str(changed) if changed is not None else None]
 
 

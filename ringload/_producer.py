@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ._cache import ProducerCache, TokenTap, is_unread
 from ._complete import build_recipe_task, complete_batches
 from ._errors import RingError
 from ._lanes import LaneWord, LaneWriter, Semaphores
@@ -45,8 +46,9 @@ from ._layout import Ring, State, Word
 from ._log import log_to_stderr
 from ._recipe import parse_recipe
 from ._sources import BadRecord, Chunk, Hooks, bad_record_stop, parse_records, record_origin
+from ._stream import chunk_at
 from ._tasks import PendingBatch
-from ._types import Cursor
+from ._types import Cursor, Records
 
 CHUNK_HEADER = struct.Struct(f"<{1 + Cursor.WORDS + 1}q")  # id | cursor | skip
 WANT = b"W"
@@ -78,6 +80,7 @@ class Producer:
         self.hooks = [Hooks.load(source) for source in self.recipe.sources]
         self.daemon_pid = os.getppid()
         self.ring, self.sems = _attach_when_created(ring_name, self.daemon_pid)
+        self.cache = ProducerCache.of_ring(self.ring.recipe(), lane)  # None: no token cache
         ranks = self.ring.geometry.ranks
         self.writers = [LaneWriter(self.ring, self.sems, self.ring.rank_lanes(r)[lane]) for r in range(ranks)]
         self.dealing = self.recipe.dealing
@@ -140,8 +143,29 @@ class Producer:
 
     def process(self, chunk: Chunk, skip: int) -> None:
         """Publish this node's batches of the chunk from index ``skip`` on (the dealing rule is in ``_lanes``)."""
-        path, numbered = record_origin(chunk, self.files, bool(self.recipe.shuffle))
         unknown_before = self.task.labels_unknown
+        cached = self.cache is not None and self.cache.cached(chunk)
+        served = self.cache.lookup(chunk) if cached else None
+        if served is not None:  # the chunk's ids come from the token cache, counts as when it was tokenized
+            records, tap = Records(texts=[""] * served.records), TokenTap(served)
+            self._add(LaneWord.BAD_RECORDS, served.bad)
+            self._add(LaneWord.RECORDS_TRUNCATED, served.truncated)
+            self._add(LaneWord.CHUNKS_FROM_CACHE, 1)
+        else:
+            if is_unread(chunk):  # the reader trusted an entry that is gone or damaged: read the chunk now
+                chunk = chunk_at(self.recipe, self.files, chunk, self.task.packs_documents(self.recipe.task))
+            records, bad = self._parse(chunk)
+            tap = TokenTap() if cached else None
+        self.task.tok.tap = tap
+        try:
+            self._publish_chunk(chunk, skip, records, unknown_before)
+        finally:
+            self.task.tok.tap = None
+        if tap is not None and served is None:
+            self.cache.store(chunk, tap.recorded(records, len(bad)))
+
+    def _parse(self, chunk: Chunk) -> tuple[Records, list[BadRecord]]:
+        path, numbered = record_origin(chunk, self.files, bool(self.recipe.shuffle))
         records, bad = parse_records(numbered, self.recipe.sources[chunk.source], path, self.task.convert_label,
                                      self.hooks[chunk.source], self.recipe.max_record_bytes,
                                      self.recipe.on_long_record, self.recipe.id_field)
@@ -149,6 +173,9 @@ class Producer:
             self._report_bad(bad)
         if records.truncated:
             self._report_truncated(records.truncated)
+        return records, bad
+
+    def _publish_chunk(self, chunk: Chunk, skip: int, records: Records, unknown_before: int) -> None:
         self._stat(LaneWord.CURRENT_CHUNK, chunk.id)
         self._stat(LaneWord.CHUNK_BYTES, len(chunk.payload))
         self._stat(LaneWord.CHUNK_STARTED_NS, time.time_ns())
@@ -157,6 +184,7 @@ class Producer:
         every = self.dealing.ranks
         batches = self.task.batches(records, chunk.id)
         if self.recipe.complete_pass:  # every record kept, stamped with its id; padding batches even the ranks
+            path = record_origin(chunk, self.files, bool(self.recipe.shuffle))[0]
             batches = complete_batches(self.task, batches, records, chunk.source, chunk.file_index, path, self.dealing)
         ahead = _Ahead(batches, self.lookahead)
         index = records_kept = 0

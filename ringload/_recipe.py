@@ -80,6 +80,7 @@ class Recipe:
     id_field: str | None = None  # eval: the records' field whose value each row carries as its id (_id)
     id_bytes: int = 64  # eval: room for an id's UTF-8 bytes in a row
     bucket_window: int = 0  # eval: sort rows by token length within windows of this many records (0: off)
+    token_cache: dict[str, Any] | None = None  # {dir, max_gb}: where chunks' token ids are kept (_cache); None: off
 
     @property
     def complete_pass(self) -> bool:
@@ -216,6 +217,7 @@ def parse_recipe(data: Any, base_dir: Path | None = None, origin: str = "recipe"
         task=task,
         shuffle=_shuffle(data.get("shuffle"), origin),
         **{key: _typed(data, key, kind, defaults[key], origin) for key, kind in _RECIPE_SCALARS.items()},
+        token_cache=_token_cache(data.get("token_cache", False), base_dir, origin),
     )
     checks = [
         (recipe.stopping_strategy in STOPPING_STRATEGIES, "stopping_strategy",
@@ -267,6 +269,28 @@ def _shuffle(value: Any, origin: str) -> dict[str, int] | None:
     if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
         raise RecipeError(f"{origin}: shuffle.buffer: must be a number of records >= 1, got {buffer!r}")
     return {"buffer": buffer}
+
+
+def _token_cache(value: Any, base_dir: Path | None, origin: str) -> dict[str, Any] | None:
+    """``token_cache``: false (off), true (the default directory and size), or {dir, max_gb}."""
+    from ._cache import DEFAULT_MAX_GB, default_cache_dir
+
+    if value is False or value is None:
+        return None
+    settings = {"dir": str(default_cache_dir()), "max_gb": DEFAULT_MAX_GB}
+    if value is True:
+        return settings
+    if not isinstance(value, dict):
+        raise RecipeError(f"{origin}: token_cache: must be true, false or a mapping like {{dir: ..., max_gb: 20}}, "
+                          f"got {value!r}")
+    _reject_unknown(value, {"dir", "max_gb"}, "token_cache.", origin)
+    directory = value.get("dir", settings["dir"])
+    if not isinstance(directory, str) or not directory or "://" in directory:
+        raise RecipeError(f"{origin}: token_cache.dir: must be a local directory, got {directory!r}")
+    max_gb = value.get("max_gb", settings["max_gb"])
+    if isinstance(max_gb, bool) or not isinstance(max_gb, (int, float)) or not 0 < max_gb < float("inf"):
+        raise RecipeError(f"{origin}: token_cache.max_gb: must be a positive number of GB, got {max_gb!r}")
+    return {"dir": _resolve(directory, base_dir), "max_gb": float(max_gb)}
 
 
 def _parse_sources(data: dict[str, Any], base_dir: Path | None, origin: str) -> tuple[Source, ...]:

@@ -18,7 +18,8 @@ from ._types import ResumePoint
 # Format 3: records longer than a chunk are read in pieces by packing tasks, so a format-2 state of
 # such a corpus would resume into another stream; a format-2 state is refused with that reason.
 STATE_FORMAT = "ringload-state/3"
-_NOT_STREAM = ("name", "producers", "slots", "max_restarts", "tokenizer_engine")  # engines give the same ids
+# Engines give the same ids, and the token cache serves the ids the tokenizer would give.
+_NOT_STREAM = ("name", "producers", "slots", "max_restarts", "tokenizer_engine", "token_cache")
 
 
 def stream_identity(header_recipe: dict[str, Any]) -> dict[str, Any]:

@@ -82,7 +82,8 @@ def _snapshot(ring: Ring) -> dict[str, Any]:
         "consumers": consumers,
         "end_chunk": end if end >= 0 else None,
         "source_errors": get(Word.SOURCE_ERRORS),
-        "source_bytes": {"fetched": get(Word.BYTES_FETCHED), "listed": get(Word.BYTES_LISTED)},
+        "source_bytes": {"fetched": get(Word.BYTES_FETCHED), "listed": get(Word.BYTES_LISTED),
+                         "from_cache": get(Word.BYTES_FROM_CACHE)},
         "reader": {"read_s": get(Word.READER_READ_NS) / 1e9, "wait_s": get(Word.READER_WAIT_NS) / 1e9},
         "tokenizer_engine": header_recipe.get("tokenizer_engine"),  # {engine, reason}; None for a ring no daemon made
         "sharding": {"ranks": g.ranks, "nnodes": recipe.get("nnodes", 1), "node_rank": recipe.get("node_rank", 0)},

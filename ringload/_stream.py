@@ -35,23 +35,30 @@ import itertools
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from ._http import SourceMeter
 from ._recipe import Recipe, Source
 from ._sources import Chunk, SourceError, read_blocks
 from ._types import ResumePoint
 
+if TYPE_CHECKING:
+    from ._cache import LapCache
+
 
 def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | None = None,
                 on_error: Callable[[SourceError], None] | None = None,
                 meter: SourceMeter | None = None, split_long_records: bool = False,
-                first_chunks: Callable[[list[Chunk | None]], None] | None = None) -> Iterator[Chunk]:
+                first_chunks: Callable[[list[Chunk | None]], None] | None = None,
+                cache: LapCache | None = None) -> Iterator[Chunk]:
     """Yield the stream's chunks, numbered from 0 (or from ``start.chunk``, which is yielded again).
 
     ``split_long_records``: the task packs documents, so records longer than a chunk are read as
     pieces (``_sources``). ``first_chunks``, if given, is called once before anything is yielded,
     with the chunk each source gives first (None: that source gives none); every source's first
-    file is opened for it, and those chunks are then yielded in their turn, so nothing is read twice."""
+    file is opened for it, and those chunks are then yielded in their turn, so nothing is read twice.
+    ``cache``: the token cache's lap maps, through which chunks already cached are yielded unread
+    (``_cache``)."""
     meter = meter or SourceMeter()
     resume = start if start is not None and start.chunk >= 0 else None  # chunk -1: nothing delivered yet
     chunk_ids = itertools.count(resume.chunk if resume else 0)
@@ -64,7 +71,8 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
         for j, source in enumerate(recipe.sources):
             where = point.source_start(j) if point else None
             lap = point.source_lap(j) if point else 0
-            chunks = _lap(recipe, source, j, files[j], epoch, lap, where, on_error, meter, split_long_records)
+            chunks = _lap_through(cache, recipe, source, j, files[j], epoch, lap, where, on_error, meter,
+                                  split_long_records)
             if point and where is not None and j != point.source:
                 next(chunks, None)  # that source's last chunk was delivered already
             laps.append(lap)
@@ -93,8 +101,8 @@ def read_stream(recipe: Recipe, files: list[list[str]], start: ResumePoint | Non
                 if recipe.stopping_strategy == "first_exhausted" or all(exhausted):
                     break
                 laps[j] += 1
-                lap_chunks[j] = _lap(recipe, recipe.sources[j], j, files[j], epoch, laps[j], None, on_error, meter,
-                                     split_long_records)
+                lap_chunks[j] = _lap_through(cache, recipe, recipe.sources[j], j, files[j], epoch, laps[j], None,
+                                             on_error, meter, split_long_records)
                 chunk = next(lap_chunks[j], None)
                 if chunk is None:
                     break  # a source with no records at all
@@ -129,6 +137,28 @@ def file_order(count: int, seed: int | None, *key: int) -> list[int]:
     if seed is not None:
         random.Random(f"ringload-files:{seed}:{':'.join(map(str, key))}").shuffle(order)
     return order
+
+
+def chunk_at(recipe: Recipe, files: list[list[str]], chunk: Chunk, split_long_records: bool) -> Chunk:
+    """``chunk`` with its payload read again from its cursor (for an unread chunk whose cache entry
+    turned out missing or damaged): the first chunk of its lap resumed there, as a resume point does."""
+    where = (chunk.file_index, chunk.offset, chunk.line, chunk.part)
+    found = next(_lap(recipe, recipe.sources[chunk.source], chunk.source, files[chunk.source], chunk.epoch, chunk.lap,
+                      where, None, SourceMeter(), split_long_records), None)
+    if found is None or (found.file_index, found.offset, found.line, found.part) != where:
+        raise SourceError(f"{files[chunk.source][chunk.file_index]}: no chunk starts at byte {chunk.offset} "
+                          f"(line {chunk.line}) any more: did the file change while the ring ran?")
+    return dataclasses.replace(chunk, payload=found.payload)
+
+
+def _lap_through(cache: LapCache | None, recipe: Recipe, source: Source, index: int, files: list[str], epoch: int,
+                 lap: int, where: tuple[int, int, int, int] | None, on_error: Callable[[SourceError], None] | None,
+                 meter: SourceMeter, split_long_records: bool) -> Iterator[Chunk]:
+    """``_lap``, through the token cache's lap map if there is a cache."""
+    def read(at: tuple[int, int, int, int] | None) -> Iterator[Chunk]:
+        return _lap(recipe, source, index, files, epoch, lap, at, on_error, meter, split_long_records)
+
+    return read(where) if cache is None else cache.lap(index, epoch, lap, where, read)
 
 
 def _lap(recipe: Recipe, source: Source, index: int, files: list[str], epoch: int, lap: int,

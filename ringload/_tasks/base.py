@@ -7,9 +7,9 @@ import itertools
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -34,6 +34,51 @@ class PendingBatch:
     # are padding. None for the batches of a training stream.
     records: np.ndarray | None = None
     width: int = 0  # columns up to the batch's longest row (what ``connect(..., trim=True)`` keeps)
+
+
+class TokenLists(Sequence[np.ndarray]):
+    """Documents' token ids end to end (``tokens``, int32) and each document's length: the form the
+    token cache stores and serves (``_cache``). ``lists[i]`` is document i's ids, a view."""
+
+    def __init__(self, tokens: np.ndarray, lengths: np.ndarray):
+        self.tokens, self.lengths = tokens, lengths
+        self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+
+    @classmethod
+    def from_lists(cls, ids: list[list[int]]) -> TokenLists:
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        return cls(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())), lengths)
+
+    @classmethod
+    def concatenate(cls, parts: list[TokenLists]) -> TokenLists:
+        if not parts:
+            return cls(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int64))
+        return cls(np.concatenate([p.tokens for p in parts]), np.concatenate([p.lengths for p in parts]))
+
+    def slice(self, start: int, stop: int) -> TokenLists:
+        """Documents ``start`` to ``stop`` (views, no copy)."""
+        return TokenLists(self.tokens[self.offsets[start]:self.offsets[stop]], self.lengths[start:stop])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        return self.tokens[self.offsets[index]:self.offsets[index + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        bounds = self.offsets.tolist()
+        return (self.tokens[a:b] for a, b in itertools.pairwise(bounds))
+
+
+class TokenTap(Protocol):
+    """Stands between a task and the tokenizer for one chunk (``_cache.TokenTap``: records what the
+    tokenizer returns, or replays a cached chunk's ids without tokenizing)."""
+
+    def ids(self, texts: list[str], encode: Callable[[list[str]], list[list[int]]]) -> Sequence[Sequence[int]]: ...
+
+    def words_of(self, texts: list[str], encode: Callable[[list[str]], tuple[list[list[int]], list[list[bool]]]]
+                 ) -> tuple[Sequence[Sequence[int]], list[list[bool]]]: ...
 
 
 class TokenizerInfo:
@@ -71,6 +116,7 @@ class TokenizerInfo:
                 self.special[token_id] = True
         self.has_token_types = tok.post_processor is not None and any(tok.encode("a", "b").type_ids)
         self.cuts_cleanly = _cuts_cleanly_at_spaces(tok)
+        self.tap: TokenTap | None = None  # set by a producer with a token cache, for one chunk at a time
 
     def token_id(self, role: str) -> int:
         """Id of the tokenizer's ``role`` token (cls, sep, eos, mask, pad); the recipe may name it."""
@@ -122,14 +168,21 @@ class TokenizerInfo:
         """The engine ``encode_ids`` runs, and why (decided now if no call has started deciding)."""
         return self.ids_engine.choice()
 
-    def encode_ids(self, texts: list[str]) -> list[list[int]]:
+    def encode_ids(self, texts: list[str]) -> Sequence[Sequence[int]]:
         """Each text's token ids, without the tokenizer's special tokens around it (added tokens
         written in the text are matched, as HF does). Tasks that never call it (classification)
         never pay for choosing the engine."""
+        if self.tap is not None:
+            return self.tap.ids(texts, self.ids_engine.encode)
         return self.ids_engine.encode(texts)
 
-    def encode_words(self, texts: list[str]) -> tuple[list[list[int]], list[list[bool]]]:
+    def encode_words(self, texts: list[str]) -> tuple[Sequence[Sequence[int]], list[list[bool]]]:
         """Token ids and, per token, whether it starts a word (for whole-word masking)."""
+        if self.tap is not None:
+            return self.tap.words_of(texts, self._encode_words)
+        return self._encode_words(texts)
+
+    def _encode_words(self, texts: list[str]) -> tuple[list[list[int]], list[list[bool]]]:
         # Not encode_batch_fast: it skips the offsets that word ids come from (they would all be None).
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         starts = []
@@ -181,10 +234,13 @@ def _load_bpe_folder(path: str) -> Tokenizer:
     return tok
 
 
-def flatten(ids: list[list[int]], separator: int | None) -> tuple[np.ndarray, np.ndarray]:
+def flatten(ids: Sequence[Sequence[int]], separator: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate token lists (each followed by ``separator`` if given) -> (tokens, end offsets)."""
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    if isinstance(ids, TokenLists):
+        tokens, lengths = ids.tokens, ids.lengths
+    else:
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
     if separator is None:
         return tokens, np.cumsum(lengths)
     ends = np.cumsum(lengths + 1)
@@ -476,6 +532,10 @@ class Task(ABC):
     # ``bucket_window`` > 0 sorts the rows of each window of that many records by token length.
     keep_every_record = False
     bucket_window = 0
+    # The options that change what ``batches`` asks the tokenizer for, if it tokenizes each text of a
+    # chunk exactly once, in order, through ``TokenizerInfo.encode_ids`` or ``encode_words``: then a
+    # chunk's ids can come from the token cache (``_cache``). None: the task tokenizes otherwise.
+    token_cache_options: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, options: dict[str, Any], tokenizer: TokenizerInfo, batch_size: int, seed: int):
         self.opts = options

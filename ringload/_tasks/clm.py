@@ -36,6 +36,7 @@ class CausalLM(Task):
     ``cu_seqlens: true`` adds ``cu_seqlens`` and ``max_seqlen`` (``segment_fields``)."""
 
     options = {"seq_len": 1024, **PACKING_OPTIONS, "special_tokens": {}}
+    token_cache_options = ()
 
     @classmethod
     def check_options(cls, options: dict[str, Any], origin: str) -> None:

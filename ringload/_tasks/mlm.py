@@ -47,6 +47,7 @@ class MaskedLM(Task):
         **PACKING_OPTIONS,
         "special_tokens": {},
     }
+    token_cache_options = ("whole_word_mask",)  # word starts are cached along with the ids
 
     @classmethod
     def check_options(cls, options: dict[str, Any], origin: str) -> None:
