@@ -67,6 +67,15 @@ on 2 cores with the defaults)::
 
 With several P values, (a) and (b) run at each; (c) and (d) at the first only, on
 the first corpus.
+
+``--cache-epochs N`` runs the token-cache benchmark instead: ringload on the first corpus
+with ``epochs: N`` three times, in one process, one after the other: with ``token_cache:
+false``, then with a token cache in a fresh directory, then again on that cache (a rerun
+of the recipe). Each run reports every epoch's tokens/s (from the epoch's first batch to
+the next epoch's first batch, or the last batch) and its ratio to the same run's epoch 1,
+and whether every batch (CRC32 of all its fields) equals the uncached run's::
+
+    python scripts/bench.py --cache-epochs 3 --mb 40
 """
 
 from __future__ import annotations
@@ -610,6 +619,60 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+# --- token cache: epochs after the first ------------------------------------
+
+def cache_epochs(corpus: Corpus, tokenizer: Path, producers: int, epochs: int, task: str) -> Json:
+    """Per-epoch rates of three runs (uncached, cached first run, cached rerun) and batch equality."""
+    sys.path.insert(0, str(REPO_ROOT))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    import zlib
+
+    import ringload
+
+    recipe = {"name": "bench-cache",
+              "source": {"paths": [str(corpus.path)], "format": "jsonl", "field": "text"},
+              "tokenizer": str(tokenizer),
+              "task": ({"type": "mlm", "seq_len": SEQ_LEN, "mask_prob": MASK_PROB} if task == "mlm"
+                       else {"type": "clm", "seq_len": SEQ_LEN}),
+              "batch_size": BATCH_SIZE, "producers": producers, "seed": SEED, "epochs": epochs}
+    runs: list[Json] = []
+    with tempfile.TemporaryDirectory(prefix="ringload-bench-cache-") as cache_dir:
+        for label, cache in (("token_cache: false", False), ("cached, first run", {"dir": cache_dir}),
+                             ("cached, rerun", {"dir": cache_dir})):
+            name = f"bench-cache-{os.getpid()}"
+            starts: list[float] = []
+            tokens = [0] * epochs
+            crcs: list[int] = []
+            before = cpu_counters()
+            with ringload.start({**recipe, "token_cache": cache}, name=name), \
+                    ringload.connect(name, timeout=120) as loader:
+                for batch in loader:
+                    now = time.perf_counter()
+                    if len(starts) <= loader.epoch:
+                        starts.append(now)
+                    tokens[loader.epoch] += _tokens(batch)
+                    crc = 0
+                    for key in sorted(batch):
+                        crc = zlib.crc32(batch[key].numpy().tobytes(), crc)
+                    crcs.append(crc)
+                    if len(crcs) % 500 == 1:  # the reader's byte counts are final long before the last batch
+                        status = ringload.ring_status(name)
+                ends = [*starts[1:], time.perf_counter()]
+            rates = [t / (e - s) for t, s, e in zip(tokens, starts, ends)]
+            runs.append({"run": label, "tokens_per_s": rates, "vs_epoch_1": [r / rates[0] for r in rates],
+                         "batches": len(crcs), "identical_to_uncached": None if not runs else crcs == runs[0]["crcs"],
+                         "source_bytes": status["source_bytes"], "foreign_cpu": foreign_share(before, cpu_counters()),
+                         "crcs": crcs})
+            row = "  ".join(f"{r:>12,.0f} ({r / rates[0]:.1f}x)" for r in rates)
+            same = "" if len(runs) == 1 else f"  identical to uncached: {runs[-1]['identical_to_uncached']}"
+            print(f"{label:<20} {row}  fetched {status['source_bytes']['fetched'] / 2**20:.1f} MiB, from cache "
+                  f"{status['source_bytes']['from_cache'] / 2**20:.1f} MiB  other {runs[-1]['foreign_cpu']:.0%}{same}",
+                  flush=True)
+    for run in runs:
+        del run["crcs"]
+    return {"producers": producers, "epochs": epochs, "runs": runs}
+
+
 # --- command line ---------------------------------------------------------
 
 def _int_list(values: list[str]) -> list[int]:
@@ -643,6 +706,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="mlm (default) or clm; (c) and (d) do mlm only")
     parser.add_argument("--engine", action="append", metavar="NAME[,NAME...]",
                         help=f"run ringload with each tokenizer_engine: {', '.join(ENGINES)} (default auto)")
+    parser.add_argument("--cache-epochs", type=int, metavar="N",
+                        help="instead: the token-cache benchmark, ringload with epochs: N uncached, cached, rerun")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write all numbers here")
     args = parser.parse_args(argv)
     args.engine = list(dict.fromkeys(e for item in args.engine or ["auto"] for e in item.split(",") if e))
@@ -699,6 +764,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {BATCH_SIZE}x{SEQ_LEN}, {task}, tokenizer {args.tokenizer}; "
               f"(a), (c) use {ENCODERS[args.encode]}; "
               f"{os.cpu_count()} CPUs; TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}\n")
+        if args.cache_epochs:
+            print(f"token cache, P = {headline}, tokens/s of epochs 1..{args.cache_epochs} (x epoch 1 of the same run)")
+            report = cache_epochs(corpora[args.corpus[0]], tokenizer_path, headline, args.cache_epochs, args.task)
+            if args.json:
+                args.json.write_text(json.dumps({"cache_epochs": report, "mb": args.mb,
+                                                 "packages": package_versions()}, indent=2) + "\n")
+            return 0
         print(HEADER, flush=True)
         bounds: dict[tuple[str, int], float] = {}
         for contender, producers, kind, slots, engine in plan(args.producers, args.skip, args.corpus, args.slots,
