@@ -164,7 +164,8 @@ def write_atomically(path: Path, file: CacheFile) -> None:
     temp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
     try:
         with open(temp, "wb") as out:
-            out.writelines(file.pieces())
+            for piece in file.pieces():
+                out.write(piece)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)

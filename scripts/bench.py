@@ -658,7 +658,7 @@ def cache_epochs(corpus: Corpus, tokenizer: Path, producers: int, epochs: int, t
                     if len(crcs) % 500 == 1:  # the reader's byte counts are final long before the last batch
                         status = ringload.ring_status(name)
                 ends = [*starts[1:], time.perf_counter()]
-            rates = [t / (e - s) for t, s, e in zip(tokens, starts, ends)]
+            rates = [t / (e - s) for t, s, e in zip(tokens, starts, ends, strict=True)]
             runs.append({"run": label, "tokens_per_s": rates, "vs_epoch_1": [r / rates[0] for r in rates],
                          "batches": len(crcs), "identical_to_uncached": None if not runs else crcs == runs[0]["crcs"],
                          "source_bytes": status["source_bytes"], "foreign_cpu": foreign_share(before, cpu_counters()),

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -372,14 +371,14 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_a_remote_source_is_served_from_the_cache_without_fetching(recipe_file, ring_name, corpus):
+def test_a_remote_source_is_served_from_the_cache_without_fetching(recipe_file, ring_name, corpus, tmp_path):
     """A rerun over HTTP (a server that sends Last-Modified) fetches nothing: status counts every byte
     as served from the cache, and the batches equal the local file's."""
     server, url = _serve(corpus["jsonl"].parent)
     try:
         remote = {"paths": [f"{url}/{corpus['jsonl'].name}"]}
         reference, _ = run(recipe_file(), ring_name)
-        cached = recipe_file(source=remote, token_cache={"dir": str(Path(corpus["jsonl"]).parent / f"c{uuid.uuid4().hex}")})
+        cached = recipe_file(source=remote, token_cache={"dir": str(tmp_path / "cache")})
         first, status = run(cached, ring_name)
         assert_same_stream(reference, first)
         size = corpus["jsonl"].stat().st_size
