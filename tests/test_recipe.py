@@ -99,6 +99,7 @@ def test_every_recipe_key_is_read(epochs_and_sharding):
         "chunk_bytes": 4096, "on_bad_record": "fail", "max_record_bytes": 100, "on_long_record": "truncate",
         "max_restarts": 1, "world_size": 2, "nnodes": 2, "node_rank": 1, "node_sharding": "batches",
         "shuffle": {"buffer": 3}, "stopping_strategy": "all_exhausted", "tokenizer_engine": "tokenizers",
+        "token_cache": {"dir": "/scratch/tokens", "max_gb": 2.5},
         **epochs_and_sharding,
     }
     recipe = parse_recipe({**with_changes(), **given})
