@@ -261,7 +261,7 @@ def _tokens_key(recipe: Recipe, task_type_options: dict[str, Any]) -> Any:
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.read_bytes())
-    versions = {"tokenizers": importlib.metadata.version("tokenizers")}
+    versions: dict[str, str | None] = {"tokenizers": importlib.metadata.version("tokenizers")}
     if recipe.tokenizer_engine != "tokenizers":
         try:
             versions["tiktoken"] = importlib.metadata.version("tiktoken")
@@ -286,10 +286,10 @@ class ChunkTokens:
         header = {"key": key, "documents": len(self.documents), "tokens": len(self.documents.tokens),
                   "words": self.word_starts is not None, "records": self.records, "bad": self.bad,
                   "truncated": self.truncated}
-        body = [memoryview(np.ascontiguousarray(self.documents.lengths, dtype="<i8")).cast("B"),
-                memoryview(np.ascontiguousarray(self.documents.tokens, dtype="<i4")).cast("B")]
+        body = [np.ascontiguousarray(self.documents.lengths, dtype="<i8").data.cast("B"),
+                np.ascontiguousarray(self.documents.tokens, dtype="<i4").data.cast("B")]
         if self.word_starts is not None:
-            body.append(memoryview(np.ascontiguousarray(self.word_starts, dtype=np.uint8)).cast("B"))
+            body.append(np.ascontiguousarray(self.word_starts, dtype=np.uint8).data.cast("B"))
         return CacheFile(header, body)
 
     @classmethod
@@ -338,11 +338,12 @@ class TokenTap:
             first = self.position
             ids = self._next(len(texts))
             starts = self.served.word_starts
+            assert starts is not None  # _asked checked that the entry holds word starts
             at = int(self.served.documents.offsets[first])
             flat = starts[at:at + len(ids.tokens)].tolist()
             return ids, [flat[a:b] for a, b in itertools.pairwise(ids.offsets.tolist())]
-        ids, flags = encode(texts)
-        lists = TokenLists.from_lists(ids)
+        encoded, flags = encode(texts)
+        lists = TokenLists.from_lists(encoded)
         self.pieces.append(lists)
         self.starts.extend(flags)
         return lists, flags
@@ -465,6 +466,8 @@ def setup(recipe: Recipe, files: list[list[str]], task: type[Task], warn: Callab
              "(Task.token_cache_options); its chunks are tokenized every time")
         return None
     keys = cache_keys(recipe, files, task)
+    if keys is None:
+        return None
     for why in filter(None, keys.why_not):
         warn(f"token cache: {why}")
     try:

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -296,7 +296,7 @@ def cache() -> None:
     """The token cache (recipe key token_cache): what it holds, and freeing it."""
 
 
-def _cache_dir_option(command):  # type: ignore[no-untyped-def]
+def _cache_dir_option(command: Any) -> Any:
     from ._cache import default_cache_dir
 
     return click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),

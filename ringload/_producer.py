@@ -144,8 +144,9 @@ class Producer:
     def process(self, chunk: Chunk, skip: int) -> None:
         """Publish this node's batches of the chunk from index ``skip`` on (the dealing rule is in ``_lanes``)."""
         unknown_before = self.task.labels_unknown
-        cached = self.cache is not None and self.cache.cached(chunk)
-        served = self.cache.lookup(chunk) if cached else None
+        cache = self.cache if self.cache is not None and self.cache.cached(chunk) else None
+        served = cache.lookup(chunk) if cache is not None else None
+        tap: TokenTap | None = None
         if served is not None:  # the chunk's ids come from the token cache, counts as when it was tokenized
             records, tap = Records(texts=[""] * served.records), TokenTap(served)
             self._add(LaneWord.BAD_RECORDS, served.bad)
@@ -155,14 +156,15 @@ class Producer:
             if is_unread(chunk):  # the reader trusted an entry that is gone or damaged: read the chunk now
                 chunk = chunk_at(self.recipe, self.files, chunk, self.task.packs_documents(self.recipe.task))
             records, bad = self._parse(chunk)
-            tap = TokenTap() if cached else None
+            if cache is not None:
+                tap = TokenTap()
         self.task.tok.tap = tap
         try:
             self._publish_chunk(chunk, skip, records, unknown_before)
         finally:
             self.task.tok.tap = None
-        if tap is not None and served is None:
-            self.cache.store(chunk, tap.recorded(records, len(bad)))
+        if cache is not None and tap is not None and served is None:
+            cache.store(chunk, tap.recorded(records, len(bad)))
 
     def _parse(self, chunk: Chunk) -> tuple[Records, list[BadRecord]]:
         path, numbered = record_origin(chunk, self.files, bool(self.recipe.shuffle))

@@ -71,14 +71,18 @@ class TokenLists(Sequence[np.ndarray]):
         return (self.tokens[a:b] for a, b in itertools.pairwise(bounds))
 
 
-class TokenTap(Protocol):
+Ids = list[int] | np.ndarray  # one document's token ids
+DocumentIds = Sequence[Ids]  # the ids of a run of documents: lists from the tokenizer, TokenLists from the cache
+
+
+class IdsTap(Protocol):
     """Stands between a task and the tokenizer for one chunk (``_cache.TokenTap``: records what the
     tokenizer returns, or replays a cached chunk's ids without tokenizing)."""
 
-    def ids(self, texts: list[str], encode: Callable[[list[str]], list[list[int]]]) -> Sequence[Sequence[int]]: ...
+    def ids(self, texts: list[str], encode: Callable[[list[str]], list[list[int]]]) -> TokenLists: ...
 
     def words_of(self, texts: list[str], encode: Callable[[list[str]], tuple[list[list[int]], list[list[bool]]]]
-                 ) -> tuple[Sequence[Sequence[int]], list[list[bool]]]: ...
+                 ) -> tuple[TokenLists, list[list[bool]]]: ...
 
 
 class TokenizerInfo:
@@ -116,7 +120,7 @@ class TokenizerInfo:
                 self.special[token_id] = True
         self.has_token_types = tok.post_processor is not None and any(tok.encode("a", "b").type_ids)
         self.cuts_cleanly = _cuts_cleanly_at_spaces(tok)
-        self.tap: TokenTap | None = None  # set by a producer with a token cache, for one chunk at a time
+        self.tap: IdsTap | None = None  # set by a producer with a token cache, for one chunk at a time
 
     def token_id(self, role: str) -> int:
         """Id of the tokenizer's ``role`` token (cls, sep, eos, mask, pad); the recipe may name it."""
@@ -168,7 +172,7 @@ class TokenizerInfo:
         """The engine ``encode_ids`` runs, and why (decided now if no call has started deciding)."""
         return self.ids_engine.choice()
 
-    def encode_ids(self, texts: list[str]) -> Sequence[Sequence[int]]:
+    def encode_ids(self, texts: list[str]) -> DocumentIds:
         """Each text's token ids, without the tokenizer's special tokens around it (added tokens
         written in the text are matched, as HF does). Tasks that never call it (classification)
         never pay for choosing the engine."""
@@ -176,7 +180,7 @@ class TokenizerInfo:
             return self.tap.ids(texts, self.ids_engine.encode)
         return self.ids_engine.encode(texts)
 
-    def encode_words(self, texts: list[str]) -> tuple[Sequence[Sequence[int]], list[list[bool]]]:
+    def encode_words(self, texts: list[str]) -> tuple[DocumentIds, list[list[bool]]]:
         """Token ids and, per token, whether it starts a word (for whole-word masking)."""
         if self.tap is not None:
             return self.tap.words_of(texts, self._encode_words)
@@ -234,7 +238,7 @@ def _load_bpe_folder(path: str) -> Tokenizer:
     return tok
 
 
-def flatten(ids: Sequence[Sequence[int]], separator: int | None) -> tuple[np.ndarray, np.ndarray]:
+def flatten(ids: DocumentIds, separator: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate token lists (each followed by ``separator`` if given) -> (tokens, end offsets)."""
     if isinstance(ids, TokenLists):
         tokens, lengths = ids.tokens, ids.lengths
@@ -295,7 +299,7 @@ class Packer:
         """The chunk's batches of ``batch_size`` rows, in order."""
         return self._best_fit(texts) if self.best_fit else self._concatenated(texts)
 
-    def _encode(self, piece: list[str]) -> tuple[list[list[int]], list[list[bool]] | None]:
+    def _encode(self, piece: list[str]) -> tuple[DocumentIds, list[list[bool]] | None]:
         if self.word_starts:
             return self.tok.encode_words(piece)
         return self.tok.encode_ids(piece), None

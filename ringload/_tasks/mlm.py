@@ -13,6 +13,7 @@ from .._types import Records
 from .base import (
     PACKING_OPTIONS,
     TOKENIZE_PIECE,
+    Ids,
     PackedRows,
     Packer,
     PendingBatch,
@@ -129,7 +130,7 @@ class MaskedLM(Task):
     def _one_per_row(self, texts: list[str], chunk: int) -> Iterator[PendingBatch]:
         """One document per row: truncated to seq_len - 2 tokens, padded, attention_mask marks it."""
         width = self.seq_len - 2
-        pending: list[list[int]] = []
+        pending: list[Ids] = []
         pending_starts: list[list[bool]] = []
         done, index, dropped, truncated = 0, 0, 0, 0
         whole_words = self.opts["whole_word_mask"]
@@ -152,7 +153,7 @@ class MaskedLM(Task):
         self.tokens_dropped = dropped + sum(map(len, pending))
         self.documents_cut = truncated
 
-    def _rows_batch(self, docs: list[list[int]], doc_starts: list[list[bool]], chunk: int, index: int,
+    def _rows_batch(self, docs: list[Ids], doc_starts: list[list[bool]], chunk: int, index: int,
                     done: int) -> PendingBatch:
         """The batch of one document per row ending with the chunk's record ``done - 1``."""
         lengths = [len(doc) + 2 for doc in docs]  # [CLS] doc [SEP]
@@ -160,7 +161,7 @@ class MaskedLM(Task):
         return PendingBatch(self._row_writer(docs, doc_starts, chunk, index), self.batch_size, sum(lengths), done,
                             records, max(lengths))
 
-    def _row_writer(self, docs: list[list[int]], doc_starts: list[list[bool]], chunk: int,
+    def _row_writer(self, docs: list[Ids], doc_starts: list[list[bool]], chunk: int,
                     index: int) -> Callable[[dict[str, np.ndarray]], None]:
         def write(out: dict[str, np.ndarray]) -> None:
             ids, attention = out["input_ids"], out["attention_mask"]
