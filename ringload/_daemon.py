@@ -582,7 +582,7 @@ class Daemon:
         """Where a replacement resumes ``chunk_id``: past the highest index the producer's lanes published
         (it publishes in index order, so every lower index of its ranks is out too)."""
         newest = [last_published(self.ring, lane) for lane in lanes]
-        return max((n.index + 1 for n in newest if n and n.chunk == chunk_id), default=0)
+        return max((n.batch_index + 1 for n in newest if n and n.chunk == chunk_id), default=0)
 
     def _finished(self, lanes: list[int], chunk_id: int) -> bool:
         """True if every rank's lane has published its flagged last batch of the chunk."""

@@ -65,14 +65,14 @@ import struct
 import time
 from dataclasses import dataclass
 from math import prod
-from typing import Any, ClassVar
+from typing import Any, NamedTuple
 
 import numpy as np
 import posix_ipc
 
 from ._errors import RingError
 from ._names import shm_name, validate_name
-from ._types import MAX_LANES, MAX_RANKS, MAX_SLOTS, MIN_SLOTS, Cursor, ResumePoint
+from ._types import CURSOR_WORDS, MAX_LANES, MAX_RANKS, MAX_SLOTS, MIN_SLOTS, Cursor, ResumePoint
 
 MAGIC = b"RINGLOAD"
 VERSION = 5
@@ -146,15 +146,14 @@ class SlotWord:
 FLAG_LAST_IN_CHUNK = 1
 
 
-@dataclass(frozen=True)
-class SlotHeader:
+class SlotHeader(NamedTuple):
     """A slot's header: which batch the slot holds and where its chunk starts. The producer writes
     it whole before publishing the slot (``LaneWriter.publish``); readers read it whole (``of``) or
-    one word at a time through :class:`SlotWord`."""
+    one word at a time through :class:`SlotWord`. (A named tuple: the consumer reads one per batch.)"""
 
     seq: int  # the lane sequence number: a slot whose stamp is not the one expected is torn or stale
     chunk: int
-    index: int  # the batch's index within its chunk
+    batch_index: int  # the batch's index within its chunk
     rows: int  # 0: an empty batch that only marks the end of a chunk too small for every rank
     flags: int
     records_done: int  # records of the chunk consumed up to the end of this batch
@@ -162,28 +161,27 @@ class SlotHeader:
     checksum: int
     cursor: Cursor
 
-    WORDS: ClassVar[int] = SlotWord.CURSOR + Cursor.WORDS
-
     @property
     def last_in_chunk(self) -> bool:
         return bool(self.flags & FLAG_LAST_IN_CHUNK)
 
     def words(self) -> tuple[int, ...]:
-        return (self.seq, self.chunk, self.index, self.rows, self.flags, self.records_done, self.tokens,
-                self.checksum, *self.cursor.words())
+        return (self.seq, self.chunk, self.batch_index, self.rows, self.flags, self.records_done, self.tokens,
+                self.checksum, *self.cursor)
 
     @classmethod
     def of(cls, words: memoryview, base: int) -> SlotHeader:
         """The header whose first word is ``words[base]``."""
-        w = words[base:base + cls.WORDS].tolist()
+        w = words[base:base + SLOT_HEADER_WORDS].tolist()
         seq, chunk, index, rows, flags, records_done, tokens, checksum = w[:SlotWord.CURSOR]
         return cls(seq, chunk, index, rows, flags, records_done, tokens, checksum, Cursor(*w[SlotWord.CURSOR:]))
 
     def store(self, words: memoryview, base: int) -> None:
-        words[base:base + self.WORDS] = memoryview(_SLOT_HEADER.pack(*self.words())).cast("q")
+        words[base:base + SLOT_HEADER_WORDS] = memoryview(_SLOT_HEADER.pack(*self.words())).cast("q")
 
 
-_SLOT_HEADER = struct.Struct(f"<{SlotHeader.WORDS}q")
+SLOT_HEADER_WORDS = SlotWord.CURSOR + CURSOR_WORDS
+_SLOT_HEADER = struct.Struct(f"<{SLOT_HEADER_WORDS}q")
 
 
 @dataclass(frozen=True)

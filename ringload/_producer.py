@@ -48,9 +48,9 @@ from ._recipe import parse_recipe
 from ._sources import BadRecord, Chunk, Hooks, bad_record_stop, parse_records, record_origin
 from ._stream import chunk_at
 from ._tasks import PendingBatch
-from ._types import Cursor, Records
+from ._types import CURSOR_WORDS, Cursor, Records
 
-CHUNK_HEADER = struct.Struct(f"<{1 + Cursor.WORDS + 1}q")  # id | cursor | skip
+CHUNK_HEADER = struct.Struct(f"<{1 + CURSOR_WORDS + 1}q")  # id | cursor | skip
 WANT = b"W"
 ERROR = b"E"
 BAD_RECORDS_LOGGED = 5

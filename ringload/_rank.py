@@ -30,9 +30,9 @@ from collections.abc import Callable
 
 from ._errors import DaemonGone, LoaderTimeout, ProducerFailed, RingError
 from ._lanes import LaneReader, Semaphores, acquire
-from ._layout import ConsumerWord, Ring, SlotWord, State, Word, read_position, write_position_words
+from ._layout import ConsumerWord, Ring, SlotHeader, SlotWord, State, Word, read_position, write_position_words
 from ._names import pid_alive
-from ._types import Dealing, ResumePoint
+from ._types import Cursor, Dealing, ResumePoint
 
 POLL_S = 0.1
 HEARTBEAT_TIMEOUT_S = 5.0
@@ -57,6 +57,7 @@ class RankReader:
         self.epoch = 0  # the epoch of the last batch delivered
         self._resume: list[int] = []  # ResumePoint.words(), updated in place per batch
         self._search = (0, 0)  # the next batch to look for
+        self._due: tuple[int, int, SlotHeader] = (-1, -1, SlotHeader(*(0,) * 8, Cursor()))  # the last one found
 
     # -- claiming the rank -------------------------------------------------------------------
     def claim(self) -> None:
@@ -114,11 +115,13 @@ class RankReader:
                 empty = header.rows == 0
                 other_epoch = epoch is not None and header.cursor.epoch != epoch
                 if not empty and (not take or other_epoch):
-                    self._heads.setdefault(lane, deque()).appendleft((seq, header.chunk, header.index))  # still due
+                    still_due = (seq, header.chunk, header.batch_index)
+                    self._heads.setdefault(lane, deque()).appendleft(still_due)
                     if take:
                         raise StopIteration
                     return lane, seq
-                self._search = self.dealing.due_after(header.chunk, header.index, header.last_in_chunk, self.rank)
+                self._search = self.dealing.due_after(header.chunk, header.batch_index, header.last_in_chunk, self.rank)
+                self._due = (lane, seq, header)
                 if empty:
                     self.mark_delivered(lane, seq)
                     self.done_with(lane, seq)  # an empty chunk's end marker
@@ -146,13 +149,15 @@ class RankReader:
 
     def mark_delivered(self, lane: int, seq: int) -> None:
         """Record in the ring that this batch has been handed out: the rank's position and resume point."""
-        header = self.readers[lane].header(seq)
-        self.next_chunk, self.next_index = self.dealing.due_after(header.chunk, header.index, header.last_in_chunk,
-                                                                  self.rank)
+        due_lane, due_seq, header = self._due
+        if (due_lane, due_seq) != (lane, seq):  # the header next_due read is that of this batch, usually
+            header = self.readers[lane].header(seq)
+        chunk, index = header.chunk, header.batch_index
+        self.next_chunk, self.next_index = self.dealing.due_after(chunk, index, header.last_in_chunk, self.rank)
         if header.rows:
             self.delivered += 1
             self.epoch = header.cursor.epoch
-        ResumePoint.advance(self._resume, header.chunk, self.dealing.delivered_through(header.index), header.cursor)
+        ResumePoint.advance(self._resume, chunk, self.dealing.delivered_through(index), header.cursor)
         write_position_words(self._words, self._block, (self.next_chunk, self.next_index, self.delivered,
                                                         *self._resume))
 

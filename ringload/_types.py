@@ -17,7 +17,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
+
+CURSOR_WORDS = 8  # Cursor's fields, as the slot header and the pipe to a producer carry them
 
 # Limits a recipe, the command line and the ring's geometry share (each written once, here):
 MAX_SOURCES = 8  # sources of one recipe; the resume point has room for each one's cursor
@@ -27,9 +29,9 @@ MIN_SLOTS = 2  # per lane: one being written while the consumer holds another
 MAX_SLOTS = 1 << 16
 
 
-@dataclass(frozen=True)
-class Cursor:
-    """Where a chunk starts: everything but its id and payload that identifies it in the stream."""
+class Cursor(NamedTuple):
+    """Where a chunk starts: everything but its id and payload that identifies it in the stream.
+    (A named tuple: the consumer reads one per batch, and a tuple is the cheapest object to make.)"""
 
     epoch: int = 0
     file_index: int = 0  # in its source's file list
@@ -40,10 +42,8 @@ class Cursor:
     lap: int = 0  # the source's pass within the epoch
     pick: int = 0  # the chunk's number within its epoch
 
-    WORDS: ClassVar[int] = 8
-
     def words(self) -> tuple[int, ...]:
-        return (self.epoch, self.file_index, self.offset, self.line, self.part, self.source, self.lap, self.pick)
+        return tuple(self)
 
     @classmethod
     def from_words(cls, words: Iterable[int]) -> Cursor:
