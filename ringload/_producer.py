@@ -142,7 +142,7 @@ class Producer:
         return not self._keep_waiting()
 
     def process(self, chunk: Chunk, skip: int) -> None:
-        """Publish this node's batches of the chunk from index ``skip`` on (the dealing rule is in ``_lanes``)."""
+        """Publish this node's batches of the chunk from index ``skip`` on (dealt by ``_types.Dealing``)."""
         unknown_before = self.task.labels_unknown
         cache = self.cache if self.cache is not None and self.cache.cached(chunk) else None
         served = cache.lookup(chunk) if cache is not None else None
